@@ -1,0 +1,35 @@
+# Two entry points, both doing all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on local disk (an unpinned torch pulls a CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/wsa synth demo/loras --n 300 --seed 0
+	$(VENV)/bin/wsa ingest demo/loras --out demo/space
+	$(VENV)/bin/wsa info demo/space
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -m "not gpu"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_ingest.py
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info

@@ -1,0 +1,50 @@
+"""The ``wsa`` command: a thin layer over the Python API.
+
+A :class:`~wsa.errors.WsaError` prints one line on stderr and exits 1 (a traceback only with
+``--debug``); usage errors exit 2 (click). Heavy imports happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from wsa.errors import CollectionError, WsaError
+
+
+class WsaGroup(click.Group):
+    """Turns expected failures into one-line messages instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except WsaError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            if isinstance(exc, CollectionError) and len(exc.problems) > 5:
+                for path, reason in exc.problems:
+                    click.echo(f"  {path}: {reason}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=WsaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.version_option(package_name="wsa")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """wsa: weight-space analysis of fine-tuned diffusion adapters.
+
+    \b
+    Typical use:
+      wsa ingest ./loras --out ./space     # folder of adapters -> on-disk matrix
+      wsa info ./space                     # what was read
+      wsa info ./loras                     # groups and problems before ingesting
+    """
+    ctx.obj = {"debug": debug}
+
+
+from wsa.cli import info, ingest, synth  # noqa: E402  (commands register themselves on `main`)
+
+__all__ = ["info", "ingest", "main", "synth"]

@@ -1,0 +1,79 @@
+"""``wsa ingest``: adapter files -> store."""
+
+from __future__ import annotations
+
+import click
+
+from wsa.cli import main
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option(
+    "--out", "-o", required=True, type=click.Path(file_okay=False), help="Store folder to create or update."
+)
+@click.option(
+    "--repr",
+    "representation",
+    type=click.Choice(["raw", "canonical", "delta"]),
+    default="raw",
+    show_default=True,
+    help="raw: factors as stored (w2w); canonical: gauge-fixed factors (same size); delta: dense ΔW (large).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage precision of the matrix.",
+)
+@click.option(
+    "--modules",
+    type=click.Choice(["exact", "intersect", "union"]),
+    default="exact",
+    show_default=True,
+    help="exact: all adapters must share modules; intersect: keep the shared ones; union: missing = 0 (delta only).",
+)
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Leave out unreadable or non-matching files (each reported) instead of failing.",
+)
+@click.option(
+    "--workers", type=click.IntRange(1, 64), default=None, help="Reader threads [default: CPUs, at most 8]."
+)
+@click.option("--rehash", is_flag=True, help="Decide which rows to reuse by content hash, not size+mtime.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash, quiet) -> None:
+    """Flatten every adapter under PATHS (recursive) into one N × D matrix at --out.
+
+    \b
+    Reads PEFT folders, diffusers, kohya/A1111 and LyCORIS files (auto-detected).
+    Re-running updates the store: unchanged files are reused, new ones added,
+    removed ones dropped; an interrupted run resumes where it stopped.
+
+    \b
+    Examples:
+      wsa ingest ./loras --out ./space
+      wsa ingest ./loras --out ./space-c --repr canonical --skip-bad
+      wsa ingest a/ b/ c.safetensors --out ./space --modules intersect
+    """
+    from wsa.store import ingest as run_ingest
+
+    store = run_ingest(
+        list(paths),
+        out,
+        repr=representation,
+        dtype=dtype,
+        modules=modules,
+        skip_bad=skip_bad,
+        workers=workers,
+        rehash=rehash,
+        progress=not quiet,
+    )
+    skipped = store.manifest.get("problems", [])
+    click.echo(
+        f"{store.path}: {len(store)} adapters × {store.n_features} features ({store.repr}, {store.manifest['dtype']})"
+    )
+    for p in skipped:
+        click.echo(f"skipped {p['source']}: {p['reason']}", err=True)

@@ -1,0 +1,212 @@
+"""Shared by every reader: split keys into (module, part) by an explicit suffix table, and build
+:class:`~wsa.adapter.ModuleWeights` from the parts. Every key must be consumed or the load fails.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+
+from torch import Tensor
+
+from wsa.adapter import Adapter, ModuleWeights, lora_scale
+from wsa.errors import FormatError
+from wsa.formats.names import natural_key
+
+
+def split_keys(
+    keys: list[str], suffixes: Mapping[str, str], path: object
+) -> dict[str, dict[str, str]]:
+    """Group file keys by module: ``{module: {part: key}}``, using the longest matching suffix.
+
+    Raises a :class:`FormatError` naming the first keys no suffix matches.
+    """
+    ordered = sorted(suffixes, key=len, reverse=True)
+    modules: dict[str, dict[str, str]] = {}
+    leftovers: list[str] = []
+    for key in keys:
+        for suffix in ordered:
+            if key.endswith(suffix) and len(key) > len(suffix):
+                module, part = key[: -len(suffix)], suffixes[suffix]
+                if part in modules.setdefault(module, {}):
+                    raise FormatError(f"module {module!r} has two {part!r} tensors", path)
+                modules[module][part] = key
+                break
+        else:
+            leftovers.append(key)
+    if leftovers:
+        raise FormatError(f"unexpected keys {_show(leftovers)}: not part of any adapter algorithm wsa reads", path)
+    if not modules:
+        raise FormatError("file holds no adapter tensors", path)
+    return modules
+
+
+def _show(keys: list[str], n: int = 3) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(repr(k) for k in sorted(keys)[:n]) + more
+
+
+_CONV3_LEAVES = {"conv1", "conv2", "conv", "conv_in", "conv_out"}
+_CONV1_LEAVES = {"conv_shortcut"}
+
+
+def infer_shape(
+    name: str, out_features: int, cols: int, base_shapes: Mapping[str, tuple[int, ...]] | None
+) -> tuple[int, ...]:
+    """Base weight shape of a module whose factors flatten a conv kernel into ``cols = in·kh·kw``.
+
+    With ``base_shapes`` (from a base model) this is exact; otherwise the SD/SDXL convention
+    applies: resnet/sampler/in/out convs are 3×3, resnet ``conv_shortcut`` is 1×1, everything else
+    is taken as Linear. ``proj_in``/``proj_out`` are 1×1 convs in SD 1.x but Linear in SDXL, so
+    without ``base_shapes`` their LoHa/LoKr ΔW comes back 2-D (same values, ``out × in``).
+    """
+    if base_shapes and name in base_shapes:
+        return tuple(base_shapes[name])
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in _CONV3_LEAVES and cols % 9 == 0:
+        return (out_features, cols // 9, 3, 3)
+    if leaf in _CONV1_LEAVES:
+        return (out_features, cols, 1, 1)
+    return (out_features, cols)
+
+
+def build_module(
+    name: str,
+    parts: Mapping[str, Tensor],
+    *,
+    alpha: float | None,
+    path: object,
+    rslora: bool = False,
+    lokr_full_means_scale_one: bool = True,
+    dora_axis: str | None = None,
+    base_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> ModuleWeights:
+    """Recognise the algorithm from the parts present, check shapes, apply the scale rule.
+
+    LoHa and LoKr parts arrive as ``hada_<part>`` / ``lokr_<part>`` because both algorithms have
+    ``w1_a, w1_b, w2_a, w2_b`` (a LoKr with ``decompose_both`` has exactly LoHa's part set); the
+    prefix is what tells them apart, and is dropped in the returned :class:`ModuleWeights`.
+    """
+    keys = set(parts) - {"bias", "magnitude"}
+    hada = {k.removeprefix("hada_") for k in keys if k.startswith("hada_")}
+    lokr = {k.removeprefix("lokr_") for k in keys if k.startswith("lokr_")}
+    tensors = {k.removeprefix("hada_").removeprefix("lokr_"): v for k, v in parts.items()}
+    try:
+        if keys <= {"down", "up", "mid"} and {"down", "up"} <= keys:
+            mod = _lora(tensors, alpha, rslora)
+        elif hada and len(hada) == len(keys) and _complete_loha(hada):
+            mod = _loha(name, tensors, alpha, base_shapes)
+        elif lokr and len(lokr) == len(keys) and _complete_lokr(lokr):
+            mod = _lokr(name, tensors, alpha, lokr_full_means_scale_one, base_shapes)
+        elif keys == {"diff"}:
+            diff = tensors["diff"]
+            mod = ModuleWeights("full", tensors, tuple(diff.shape), 0, None, 1.0)
+        else:
+            raise FormatError(f"module {name!r} has an incomplete or mixed set of parts {sorted(parts)}", path)
+    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
+        raise FormatError(f"module {name!r}: inconsistent factor shapes ({exc})", path) from None
+    if "magnitude" in tensors:
+        axis = dora_axis or ("out" if tensors["magnitude"].shape[0] == mod.shape[0] else "in")
+        mod = ModuleWeights(mod.kind, tensors, mod.shape, mod.rank, mod.alpha, mod.scale, axis)  # type: ignore[arg-type]
+    _check_product(name, mod, path)
+    return mod
+
+
+def _complete_loha(parts: set[str]) -> bool:
+    return parts in ({"w1_a", "w1_b", "w2_a", "w2_b"}, {"w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2"})
+
+
+def _complete_lokr(parts: set[str]) -> bool:
+    w1 = parts & {"w1", "w1_a", "w1_b"}
+    w2 = parts & {"w2", "w2_a", "w2_b", "t2"}
+    return (
+        w1 in ({"w1"}, {"w1_a", "w1_b"})
+        and w2 in ({"w2"}, {"w2_a", "w2_b"}, {"w2_a", "w2_b", "t2"})
+        and parts == w1 | w2
+    )
+
+
+def _lora(t: dict[str, Tensor], alpha: float | None, rslora: bool) -> ModuleWeights:
+    down, up = t["down"], t["up"]
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+        raise ValueError(f"up {tuple(up.shape)} does not match down {tuple(down.shape)}")
+    if "mid" in t:
+        shape: tuple[int, ...] = (up.shape[0], down.shape[1], *t["mid"].shape[2:])
+    elif down.dim() == 4:
+        shape = (up.shape[0], *down.shape[1:])
+    else:
+        shape = (up.shape[0], down.shape[1])
+    return ModuleWeights("lora", t, shape, rank, alpha, lora_scale(alpha, rank, rslora))
+
+
+def _loha(name: str, t: dict[str, Tensor], alpha: float | None, base_shapes) -> ModuleWeights:
+    rank = t["w1_b"].shape[0]
+    if "t1" in t:  # Tucker: w1_a is r × out, w1_b is r × in
+        shape: tuple[int, ...] = (t["w1_a"].shape[1], t["w1_b"].shape[1], *t["t1"].shape[2:])
+    else:
+        shape = infer_shape(name, t["w1_a"].shape[0], t["w1_b"].shape[1], base_shapes)
+    return ModuleWeights("loha", t, shape, rank, alpha, lora_scale(alpha, rank))
+
+
+def _lokr(name: str, t: dict[str, Tensor], alpha: float | None, full_means_one: bool, base_shapes) -> ModuleWeights:
+    def dims(which: str) -> tuple[int, ...]:
+        if which in t:
+            return tuple(t[which].shape)
+        a, b = t[f"{which}_a"], t[f"{which}_b"]
+        if which == "w2" and "t2" in t:
+            return (a.shape[1], b.shape[1], *t["t2"].shape[2:])
+        return (a.shape[0], b.shape[1])
+
+    d1, d2 = dims("w1"), dims("w2")
+    decomposed = [t[k].shape[0] for k in ("w1_b", "w2_b") if k in t]
+    rank = decomposed[0] if decomposed else 0
+    if len(d2) == 4:
+        shape: tuple[int, ...] = (d1[0] * d2[0], d1[1] * d2[1], *d2[2:])
+    else:
+        shape = infer_shape(name, d1[0] * d2[0], d1[1] * d2[1], base_shapes)
+    # LyCORIS and ComfyUI: with both Kronecker factors full, alpha is ignored (scale 1); PEFT always alpha/r.
+    scale = 1.0 if (not decomposed and full_means_one) else lora_scale(alpha, rank or 1)
+    return ModuleWeights("lokr", t, shape, rank, alpha, scale)
+
+
+def _check_product(name: str, mod: ModuleWeights, path: object) -> None:
+    if mod.kind == "lora":
+        return
+    if mod.kind != "full" and "bias" not in mod.tensors:
+        try:
+            mod.direction_delta()
+        except (RuntimeError, ValueError) as exc:
+            raise FormatError(f"module {name!r}: factors do not form a {mod.shape} delta ({exc})", path) from None
+
+
+def read_alpha(t: Tensor, key: str, path: object) -> float:
+    """A stored ``.alpha`` scalar as a Python float (formats.md pitfall 4: ``.item()`` before dividing)."""
+    if t.numel() != 1:
+        raise FormatError(f"alpha tensor {key!r} has {t.numel()} values, expected 1", path)
+    value = float(t.float().item())
+    if not math.isfinite(value):
+        raise FormatError(f"alpha tensor {key!r} is not finite", path)
+    return value
+
+
+def make_adapter(
+    path: object,
+    fmt: str,
+    modules: Mapping[str, ModuleWeights],
+    metadata: Mapping[str, str],
+) -> Adapter:
+    ordered = {k: modules[k] for k in sorted(modules, key=natural_key)}
+    return Adapter(str(path), fmt, ordered, dict(metadata))
+
+
+def pattern_value(patterns: Mapping[str, object], module: str) -> object | None:
+    """PEFT ``rank_pattern``/``alpha_pattern`` lookup: a key matches as the suffix regex ``(.*\\.)?key$``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+RenameFn = Callable[[str], str]

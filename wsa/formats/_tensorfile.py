@@ -1,0 +1,129 @@
+"""Safe, exact reading of one tensor file (``.safetensors``; ``.pt``/``.bin``/``.pth`` only as weights).
+
+Why a class: format sniffers need only the header (keys, metadata) and must not read tensors;
+readers then read every tensor once. Pickles are opened with ``torch.load(weights_only=True)``,
+never with a fallback, so a file that smuggles code is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from wsa.errors import FormatError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
+TENSOR_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
+
+
+class TensorFile:
+    """Lazy view of a tensor file: ``keys`` and ``metadata`` from the header, ``tensors`` on demand."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FormatError("no such file", self.path)
+        if self.path.suffix not in TENSOR_SUFFIXES:
+            raise FormatError(
+                f"not a tensor file (expected one of {', '.join(TENSOR_SUFFIXES)})", self.path
+            )
+        if self.path.stat().st_size == 0:
+            raise FormatError("file is empty", self.path)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self.path.suffix in SAFETENSORS_SUFFIXES
+
+    @cached_property
+    def _header(self) -> tuple[list[str], dict[str, str]]:
+        if self.is_safetensors:
+            self._check_safetensors_size()
+            try:
+                with safe_open(self.path, framework="pt") as f:
+                    return sorted(f.keys()), dict(f.metadata() or {})
+            except Exception as exc:  # safetensors raises its own error types
+                raise FormatError(f"not a valid safetensors file ({_one_line(exc)})", self.path) from None
+        state = self._pickle_state
+        return sorted(state), {}
+
+    def _check_safetensors_size(self) -> None:
+        # Checked by hand so a truncated download gets a message that says so.
+        size = self.path.stat().st_size
+        with self.path.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise FormatError("truncated safetensors file (no header)", self.path)
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise FormatError("truncated or corrupt safetensors file (header larger than file)", self.path)
+            try:
+                header = json.loads(fh.read(n))
+            except ValueError:
+                raise FormatError("corrupt safetensors file (header is not JSON)", self.path) from None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        if ends and 8 + n + max(ends) > size:
+            raise FormatError(
+                f"truncated safetensors file ({size} bytes, header promises {8 + n + max(ends)})", self.path
+            )
+
+    @cached_property
+    def _pickle_state(self) -> dict[str, Tensor]:
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=_is_zip(self.path))
+        except Exception as exc:
+            raise FormatError(
+                f"refused to load pickle with weights_only=True ({_one_line(exc)}); "
+                "only plain tensor dicts are read — convert it to .safetensors",
+                self.path,
+            ) from None
+        if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise FormatError(
+                f"pickle holds {type(obj).__name__}, not a dict of tensors; convert it to .safetensors",
+                self.path,
+            )
+        return {str(k): v for k, v in obj.items()}
+
+    @property
+    def keys(self) -> list[str]:
+        return self._header[0]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._header[1]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """All tensors, as stored (dtype kept), each checked to be finite."""
+        if self.is_safetensors:
+            try:
+                with safe_open(self.path, framework="pt") as f:
+                    out = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            except Exception as exc:
+                raise FormatError(f"cannot read tensors ({_one_line(exc)})", self.path) from None
+        else:
+            out = self._pickle_state
+        for key, t in out.items():
+            check_finite(t, key, self.path)
+        return out
+
+
+def check_finite(t: Tensor, key: str, path: str | Path) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise FormatError(f"tensor {key!r} contains {bad} values", path)
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -1,0 +1,131 @@
+"""diffusers LoRA files (``pytorch_lora_weights.safetensors``), all three key generations.
+
+* PEFT-style ``unet.<path>.lora_A.weight`` (what ``save_lora_adapter`` and the loaders use),
+* intermediate ``.lora.down.weight`` / ``.lora_linear_layer.down.weight`` (what the training
+  scripts still write for attention modules),
+* old attention-processor ``<path>.processor.to_q_lora.down.weight``, with or without ``unet.``.
+
+Scale: from the ``lora_adapter_metadata`` header JSON (diffusers ≥ 0.34) when present, else from
+``<module>.alpha`` tensors, else 1 (diffusers reads "no alpha" as alpha = rank; formats.md §3.2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wsa.adapter import Adapter, ModuleWeights
+from wsa.errors import FormatError
+from wsa.formats._modules import build_module, make_adapter, pattern_value, read_alpha, split_keys
+from wsa.formats._tensorfile import TensorFile
+from wsa.formats.base import BaseShapes, FormatSpec, register
+from wsa.formats.names import canonical_text_encoder_path, canonical_unet_path, processor_to_canonical
+
+METADATA_KEY = "lora_adapter_metadata"
+#: File component prefix -> canonical module prefix ("" = denoiser).
+COMPONENTS = {"unet.": "", "transformer.": "", "text_encoder.": "text_encoder.", "text_encoder_2.": "text_encoder_2."}
+SUFFIXES = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_B.bias": "bias",
+    ".lora.down.weight": "down",
+    ".lora.up.weight": "up",
+    ".lora_linear_layer.down.weight": "down",
+    ".lora_linear_layer.up.weight": "up",
+    # old processor names: `to_q_lora.down.weight`; the module name must then end in `_lora` (checked)
+    ".down.weight": "down",
+    ".up.weight": "up",
+    ".lora_magnitude_vector": "magnitude",
+    ".alpha": "alpha",
+}
+_BARE_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.")
+
+
+def _sniff(path: Path, file: TensorFile | None) -> bool:
+    if file is None or not file.keys:
+        return False
+    for key in file.keys:
+        if key.startswith(tuple(COMPONENTS)):
+            continue
+        if key.startswith(_BARE_ROOTS) and ".processor." in key:
+            continue  # oldest format: no component prefix
+        return False
+    return True
+
+
+def _split_component(module: str) -> tuple[str, str, str]:
+    """``unet.down_blocks...`` -> (file prefix, canonical prefix, path)."""
+    for file_prefix, canonical in COMPONENTS.items():
+        if module.startswith(file_prefix):
+            return file_prefix, canonical, module[len(file_prefix):]
+    return "unet.", "", module
+
+
+def _canonical(module: str, path: Path) -> str:
+    _, prefix, rest = _split_component(module)
+    if rest.rsplit(".", 1)[-1].endswith("_lora"):
+        rest = processor_to_canonical(rest, text_encoder=bool(prefix))
+    elif ".processor." in rest:
+        raise FormatError(f"unexpected processor key {module!r}", path)
+    return prefix + canonical_text_encoder_path(rest) if prefix else canonical_unet_path(rest)
+
+
+def _metadata_config(metadata: dict[str, str], path: Path) -> dict[str, dict]:
+    """``lora_adapter_metadata`` -> ``{file prefix: LoraConfig kwargs}``."""
+    if METADATA_KEY not in metadata:
+        return {}
+    try:
+        flat = json.loads(metadata[METADATA_KEY])
+    except ValueError:
+        raise FormatError(f"header field {METADATA_KEY!r} is not JSON", path) from None
+    out: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, field = key.partition(".")
+        out.setdefault(component + ".", {})[field] = value
+    return out
+
+
+def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -> Adapter:
+    assert file is not None
+    tensors = file.tensors()
+    groups = split_keys(sorted(tensors), SUFFIXES, path)
+    configs = _metadata_config(file.metadata, path)
+    modules: dict[str, ModuleWeights] = {}
+    for raw_name, parts in groups.items():
+        for part in ("down", "up"):
+            key = parts.get(part, "")
+            spelled = (f".lora.{part}.weight", f".lora_linear_layer.{part}.weight", f".lora_{'A' if part == 'down' else 'B'}.weight")
+            if key and not key.endswith(spelled) and not raw_name.endswith("_lora"):
+                raise FormatError(f"unexpected key {key!r}: not a LoRA tensor", path)
+        file_prefix, _, rest = _split_component(raw_name)
+        alpha = read_alpha(tensors[parts.pop("alpha")], raw_name + ".alpha", path) if "alpha" in parts else None
+        rslora = False
+        if file_prefix in configs:
+            cfg = configs[file_prefix]
+            rslora = bool(cfg.get("use_rslora", False))
+            pattern = pattern_value(cfg.get("alpha_pattern") or {}, rest)
+            alpha = float(pattern if pattern is not None else cfg.get("lora_alpha", cfg.get("r", 1)))
+        name = _canonical(raw_name, path)
+        if name in modules:
+            raise FormatError(f"module {name!r} appears twice under different spellings", path)
+        modules[name] = build_module(
+            name,
+            {p: tensors[k] for p, k in parts.items()},
+            alpha=alpha,
+            path=path,
+            rslora=rslora,
+            dora_axis="out",
+            base_shapes=base_shapes,
+        )
+    return make_adapter(path, "diffusers", modules, file.metadata)
+
+
+register(
+    FormatSpec(
+        name="diffusers",
+        pretty_name="diffusers LoRA file",
+        reference="https://huggingface.co/docs/diffusers/main/en/api/loaders/lora",
+        sniff=_sniff,
+        read=_read,
+    )
+)

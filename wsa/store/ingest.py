@@ -1,0 +1,485 @@
+"""Build or update a store from adapter files: parallel, bounded-memory, resumable, incremental.
+
+How it stays bounded: rows are encoded one adapter at a time by a small thread pool (at most
+``4 × workers`` in flight) and written straight into a preallocated ``.npy`` with ``os.pwrite``
+(no memory map, so written pages never count against the process).
+
+How it resumes: the build happens in ``<out>/.partial/`` with ``plan.json`` (options, layout,
+ids), the matrix, ``rows.jsonl`` (per-row facts) and ``done.npy`` (0 todo, 1 done, 2 problem),
+checkpointed every few seconds after an fsync. Re-running the same command continues there.
+
+How it is incremental: rows of an existing store whose source files are unchanged (size and
+mtime, or content hash with ``rehash=True``) are copied, new files are read, removed ones dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+import wsa
+from wsa.adapter import Adapter
+from wsa.errors import CollectionError, ConfigError, StoreError, WsaError
+from wsa.store.discover import Source, discover
+from wsa.store.layout import REPRESENTATIONS, Layout
+from wsa.store.representations import Mismatch, delta_norm, encode, layout_for
+from wsa.store.store import FORMAT_VERSION, MANIFEST, Store, write_json_atomic
+
+MODULE_MODES = ("exact", "intersect", "union")
+DTYPES = ("float32", "float16")
+CHECKPOINT_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Everything that decides the matrix's contents (echoed into the manifest)."""
+
+    repr: str = "raw"
+    dtype: str = "float32"
+    modules: str = "exact"
+
+    def validate(self) -> None:
+        if self.repr not in REPRESENTATIONS:
+            raise ConfigError(f"--repr must be one of {', '.join(REPRESENTATIONS)}; got {self.repr!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.modules not in MODULE_MODES:
+            raise ConfigError(f"--modules must be one of {', '.join(MODULE_MODES)}; got {self.modules!r}")
+        if self.modules == "union" and self.repr != "delta":
+            raise ConfigError("--modules union needs --repr delta (a missing module is ΔW = 0 only there)")
+
+
+def signature(adapter: Adapter) -> tuple:
+    """What must agree for two adapters to share a raw/canonical layout."""
+    return tuple(
+        (
+            name,
+            m.kind,
+            m.shape,
+            m.rank,
+            m.is_dora,
+            tuple(sorted((k, tuple(t.shape)) for k, t in m.tensors.items())),
+        )
+        for name, m in adapter.modules.items()
+    )
+
+
+def describe_signature(sig: tuple) -> str:
+    kinds = sorted({f"{kind}{'+dora' if dora else ''}" for _, kind, _, _, dora, _ in sig})
+    ranks = sorted({rank for _, _, _, rank, _, _ in sig})
+    return f"{len(sig)} modules, {'/'.join(kinds)}, rank {'/'.join(map(str, ranks))}"
+
+
+def _hash_files(files: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _npy_data_offset(path: Path) -> int:
+    with path.open("rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        reader = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        reader(fh)
+        return fh.tell()
+
+
+def _allocate(path: Path, n_rows: int, n_features: int, dtype: str) -> int:
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.dtype(dtype), shape=(n_rows, n_features))
+    del mm
+    return _npy_data_offset(path)
+
+
+def _choose_layout(
+    sources: list[Source], opts: IngestOptions, workers: int, progress: bool
+) -> tuple[Layout, list[tuple[str, str]]]:
+    """Layout of the collection: the most common signature among a spread sample (``exact``),
+    or the module intersection/union over all adapters (a full pre-pass)."""
+    problems: list[tuple[str, str]] = []
+    if opts.modules == "exact":
+        step = max(1, len(sources) // 16)
+        sample = sources[::step][:16]
+    else:
+        sample = sources
+    loaded: list[Adapter] = []
+    for src, result in _map_loads(sample, workers, progress and opts.modules != "exact", "scan"):
+        if isinstance(result, Adapter):
+            loaded.append(result)
+        else:
+            problems.append((str(src.path), result))
+    if not loaded:
+        raise CollectionError(
+            f"no readable adapter among {len(sample)} sampled; first problem: {problems[0][0]}: {problems[0][1]}",
+            problems,
+        )
+    if opts.modules == "exact":
+        counts = Counter(signature(a) for a in loaded)
+        best = counts.most_common(1)[0][0]
+        reference = next(a for a in loaded if signature(a) == best)
+        return layout_for(reference, opts.repr), []
+    sets = [set(a.modules) for a in loaded]
+    names = set.intersection(*sets) if opts.modules == "intersect" else set.union(*sets)
+    if not names:
+        raise CollectionError("the adapters share no module (--modules intersect leaves nothing)", problems)
+    merged: dict[str, Any] = {}
+    for a in loaded:
+        for n in a.modules:
+            if n in names and n not in merged:
+                merged[n] = a.modules[n]
+    from wsa.formats.names import natural_key
+
+    ordered = sorted(merged, key=natural_key)
+    reference = Adapter("<merged reference>", "mixed", {n: merged[n] for n in ordered})
+    return layout_for(reference, opts.repr), problems
+
+
+def _map_loads(
+    sources: list[Source], workers: int, progress: bool, desc: str
+) -> Iterator[tuple[Source, Adapter | str]]:
+    def load(src: Source) -> Adapter | str:
+        try:
+            return src.load()
+        except WsaError as exc:
+            return str(exc).removeprefix(f"{src.path}: ")
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        bar = tqdm(
+            total=len(sources), desc=desc, unit="adapter", disable=None if progress else True, file=sys.stderr
+        )
+        yield from _bounded(pool, load, sources, workers * 4, bar)
+        bar.close()
+
+
+def _bounded(pool: ThreadPoolExecutor, fn, items: list, window: int, bar) -> Iterator[tuple[Any, Any]]:
+    pending: list[tuple[Any, Future]] = []
+    it = iter(items)
+    for item in it:
+        pending.append((item, pool.submit(fn, item)))
+        if len(pending) >= window:
+            src, fut = pending.pop(0)
+            bar.update(1)
+            yield src, fut.result()
+    for src, fut in pending:
+        bar.update(1)
+        yield src, fut.result()
+
+
+def ingest(
+    paths: str | Path | Iterable[str | Path],
+    out: str | Path,
+    *,
+    repr: str = "raw",
+    dtype: str = "float32",
+    modules: str = "exact",
+    skip_bad: bool = False,
+    workers: int | None = None,
+    rehash: bool = False,
+    progress: bool = True,
+    sources: list[Source] | None = None,
+) -> Store:
+    """Flatten a collection of adapters into a store at ``out`` and return it.
+
+    Parameters
+    ----------
+    paths : adapter files or folders (searched recursively).
+    out : store folder (created; an existing store there is updated incrementally).
+    repr : ``"raw"``, ``"canonical"`` or ``"delta"`` (see :mod:`wsa.store.representations`).
+    dtype : ``"float32"`` (default) or ``"float16"`` storage.
+    modules : ``"exact"`` (every adapter must have the layout's modules), ``"intersect"``
+        (keep the modules all adapters share) or ``"union"`` (``delta`` only; missing modules are 0).
+    skip_bad : leave out files that cannot be read or do not fit, reporting each with its reason,
+        instead of failing with the list.
+    workers : reader threads (default: number of CPUs, at most 8).
+    rehash : compare content hashes instead of size+mtime to decide which rows to reuse.
+    sources : pre-discovered sources (used for datasets); ``paths`` is then only echoed.
+    """
+    opts = IngestOptions(repr=repr, dtype=dtype, modules=modules)
+    opts.validate()
+    out = Path(out)
+    workers = workers or min(8, os.cpu_count() or 1)
+    path_list = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if sources is None:
+        sources = discover(path_list)
+    if out.exists() and not out.is_dir():
+        raise StoreError("output exists and is not a folder", out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / ".partial"
+    old = Store(out) if (out / MANIFEST).is_file() else None
+    config = asdict(opts)
+
+    plan = _load_plan(partial, config, sources)
+    if plan is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        if old is not None and old.manifest.get("config") == config:
+            layout, scan_problems = old.layout, []
+        else:
+            layout, scan_problems = _choose_layout(sources, opts, workers, progress)
+        plan = {
+            "config": config,
+            "layout": layout.to_json(),
+            "ids": [s.id for s in sources],
+            "fingerprints": [s.fingerprint() for s in sources],
+            "token": secrets.token_hex(4),
+            "scan_problems": scan_problems,
+        }
+        partial.mkdir(parents=True)
+        _allocate(partial / f"matrix-{plan['token']}.npy", len(sources), layout.n_features, opts.dtype)
+        np.save(partial / "done.npy", np.zeros(len(sources), dtype=np.uint8))
+        write_json_atomic(partial / "plan.json", plan)
+    layout = Layout.from_json(plan["layout"])
+    return _build(
+        out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list
+    )
+
+
+def _load_plan(partial: Path, config: dict, sources: list[Source]) -> dict | None:
+    """An unfinished build of the same options and inputs, if there is one to resume."""
+    try:
+        plan = json.loads((partial / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = plan.get("config") == config and plan.get("ids") == [s.id for s in sources]
+    same = same and plan.get("fingerprints") == [s.fingerprint() for s in sources]
+    if not same or not (partial / f"matrix-{plan['token']}.npy").is_file():
+        return None
+    return plan
+
+
+def _read_rows_journal(path: Path, done: np.ndarray) -> dict[int, dict]:
+    facts: dict[int, dict] = {}
+    if not path.is_file():
+        return facts
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a crash
+        if done[entry["i"]]:
+            facts[entry["i"]] = entry
+    return facts
+
+
+def _build(
+    out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list
+) -> Store:
+    matrix_path = partial / f"matrix-{plan['token']}.npy"
+    offset = _npy_data_offset(matrix_path)
+    itemsize = np.dtype(opts.dtype).itemsize
+    row_bytes = layout.n_features * itemsize
+    done = np.load(partial / "done.npy")
+    facts = _read_rows_journal(partial / "rows.jsonl", done)
+    done = np.array(
+        [
+            1 if i in facts and "problem" not in facts[i] else (2 if i in facts else 0)
+            for i in range(len(sources))
+        ],
+        dtype=np.uint8,
+    )
+
+    fd = os.open(matrix_path, os.O_RDWR)
+    journal = (partial / "rows.jsonl").open("a")
+    last_checkpoint = time.monotonic()
+
+    def checkpoint() -> None:
+        os.fsync(fd)
+        journal.flush()
+        os.fsync(journal.fileno())
+        tmp = partial / "done.npy.tmp"
+        with tmp.open("wb") as fh:
+            np.save(fh, done)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, partial / "done.npy")
+
+    def record(i: int, entry: dict, row: np.ndarray | None) -> None:
+        nonlocal last_checkpoint
+        if row is not None:
+            os.pwrite(fd, np.ascontiguousarray(row, dtype=opts.dtype).tobytes(), offset + i * row_bytes)
+        entry["i"] = i
+        journal.write(json.dumps(entry, sort_keys=True) + "\n")
+        facts[i] = entry
+        done[i] = 2 if "problem" in entry else 1
+        if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+            checkpoint()
+            last_checkpoint = time.monotonic()
+
+    try:
+        todo = [i for i in range(len(sources)) if not done[i]]
+        todo = _reuse_old_rows(old, sources, plan, layout, todo, record, rehash)
+        _encode_rows(sources, todo, layout, opts, workers, progress, record)
+        checkpoint()
+    finally:
+        journal.close()
+        os.close(fd)
+
+    problems = [(str(sources[i].path), facts[i]["problem"]) for i in sorted(facts) if "problem" in facts[i]]
+    problems += [
+        tuple(p)
+        for p in plan.get("scan_problems", [])
+        if opts.modules != "exact" and tuple(p) not in problems
+    ]
+    if problems and not skip_bad:
+        lines = "; ".join(f"{p}: {r}" for p, r in problems[:5])
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CollectionError(
+            f"{len(problems)} of {len(sources)} adapters cannot join the matrix ({lines}{more}); "
+            "fix them, or re-run with --skip-bad to leave them out (or --modules intersect)",
+            problems,
+        )
+    good = [i for i in range(len(sources)) if done[i] == 1]
+    return _finalize(
+        out,
+        partial,
+        plan,
+        layout,
+        sources,
+        facts,
+        good,
+        problems,
+        matrix_path,
+        offset,
+        row_bytes,
+        opts,
+        old,
+        path_list,
+    )
+
+
+def _reuse_old_rows(
+    old: Store | None, sources, plan, layout: Layout, todo: list[int], record, rehash: bool
+) -> list[int]:
+    """Copy rows of the previous store whose files did not change; return what is left to read."""
+    if (
+        old is None
+        or old.manifest.get("layout") != plan["layout"]
+        or old.manifest.get("config") != plan["config"]
+    ):
+        return todo
+    previous = {r["id"]: (i, r) for i, r in enumerate(old.rows)}
+    left = []
+    for i in todo:
+        src = sources[i]
+        hit = previous.get(src.id)
+        unchanged = hit is not None and hit[1]["source"] == str(src.path)
+        if unchanged:
+            unchanged = (
+                (_hash_files(src.files) == hit[1]["sha256"])
+                if rehash
+                else (hit[1]["files"] == src.fingerprint())
+            )
+        if unchanged:
+            entry = {k: v for k, v in hit[1].items() if k not in {"i"}}
+            record(i, entry, np.asarray(old.matrix[hit[0]]))
+        else:
+            left.append(i)
+    return left
+
+
+def _encode_rows(
+    sources, todo: list[int], layout: Layout, opts: IngestOptions, workers: int, progress: bool, record
+) -> None:
+    def work(i: int) -> tuple[dict, np.ndarray | None]:
+        src = sources[i]
+        base = {"id": src.id, "source": str(src.path), "files": src.fingerprint()}
+        try:
+            adapter = src.load()
+            row = encode(adapter, layout)
+        except Mismatch as exc:
+            return {**base, "problem": str(exc)}, None
+        except WsaError as exc:
+            return {**base, "problem": str(exc).removeprefix(f"{src.path}: ")}, None
+        facts = {
+            **base,
+            "sha256": _hash_files(src.files) if src.row is None else f"row:{src.row}",
+            "format": adapter.format,
+            "kinds": adapter.kinds,
+            "n_params": adapter.n_params,
+            "delta_norm": round(delta_norm(adapter), 9)
+            if not any(m.is_dora for m in adapter.modules.values())
+            else None,
+        }
+        return facts, row
+
+    if not todo:
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        bar = tqdm(
+            total=len(todo),
+            desc="ingest",
+            unit="adapter",
+            disable=None if progress else True,
+            file=sys.stderr,
+        )
+        for i, (entry, row) in _bounded(pool, work, todo, workers * 4, bar):
+            record(i, entry, row)
+        bar.close()
+
+
+def _finalize(
+    out: Path,
+    partial: Path,
+    plan,
+    layout: Layout,
+    sources,
+    facts,
+    good,
+    problems,
+    matrix_path,
+    offset,
+    row_bytes,
+    opts,
+    old,
+    path_list,
+) -> Store:
+    token = plan["token"]
+    final_matrix = out / f"matrix-{token}.npy"
+    if len(good) == len(sources):
+        os.replace(matrix_path, final_matrix)
+    else:  # compact: stream the good rows into a matrix without the holes
+        dst_offset = _allocate(final_matrix, len(good), layout.n_features, opts.dtype)
+        with matrix_path.open("rb") as src_fh, final_matrix.open("r+b") as dst_fh:
+            for k, i in enumerate(good):
+                src_fh.seek(offset + i * row_bytes)
+                dst_fh.seek(dst_offset + k * row_bytes)
+                dst_fh.write(src_fh.read(row_bytes))
+            dst_fh.flush()
+            os.fsync(dst_fh.fileno())
+    rows = [{k: v for k, v in facts[i].items() if k != "i"} for i in good]
+    manifest = {
+        "wsa_format_version": FORMAT_VERSION,
+        "wsa_version": wsa.__version__,
+        "repr": opts.repr,
+        "dtype": opts.dtype,
+        "n_rows": len(good),
+        "n_features": layout.n_features,
+        "matrix": final_matrix.name,
+        "layout": plan["layout"],
+        "rows": rows,
+        "problems": [{"source": p, "reason": r} for p, r in problems],
+        "config": plan["config"],
+        "inputs": [str(p) for p in path_list],
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    if old is not None and old.matrix_path != final_matrix:
+        old.matrix_path.unlink(missing_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    return Store(out)

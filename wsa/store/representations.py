@@ -1,0 +1,174 @@
+"""The three row representations: ``raw``, ``canonical`` and ``delta``.
+
+* ``raw`` — the factors as stored, flattened in layout order (w2w's choice). Each module's scale is
+  folded into its output-side factor *relative to the collection's reference scale*, so rows of
+  files with different alpha are comparable while a uniform collection (w2w: alpha 27 everywhere)
+  keeps its stored numbers exactly. Meaningful only when adapters share rank and initialisation.
+* ``canonical`` — each LoRA module in a gauge-fixed form: ``ΔW = B_c·A_c`` with ``B_c = Q_B·U·√S``,
+  ``A_c = √S·Vᵀ·Q_Aᵀ`` from a thin SVD of the small ``r×r`` core (never the dense ΔW), singular
+  values descending, and signs fixed so the largest-magnitude entry of each row of ``A_c`` is
+  positive. Same size as ``raw``; invariant to ``(B·M, M⁻¹·A)``. Non-LoRA modules store their dense ΔW.
+* ``delta`` — the dense ΔW of every module. Exact and gauge-free but large; computed per adapter.
+
+Every representation maps back to an :class:`~wsa.adapter.Adapter` exactly (:func:`decode`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from wsa.adapter import EXTRA_PARTS, KIND_PARTS, Adapter, ModuleWeights
+from wsa.errors import CollectionError
+from wsa.store.layout import Layout, build_layout
+
+
+class Mismatch(CollectionError):
+    """An adapter that does not fit a layout; the message is the reason (shown per file)."""
+
+
+def _raw_parts(mod: ModuleWeights) -> list[tuple[str, tuple[int, ...]]]:
+    order = KIND_PARTS[mod.kind] + EXTRA_PARTS
+    return [(p, tuple(mod.tensors[p].shape)) for p in order if p in mod.tensors]
+
+
+def _is_plain_lora(mod: ModuleWeights) -> bool:
+    return mod.kind == "lora" and "mid" not in mod.tensors and not mod.is_dora
+
+
+def _factor_shapes(mod: ModuleWeights, rank: int) -> list[tuple[str, tuple[int, ...]]]:
+    down, up = mod.tensors["down"], mod.tensors["up"]
+    return [("down", (rank, *down.shape[1:])), ("up", (up.shape[0], rank, *up.shape[2:]))]
+
+
+def layout_for(reference: Adapter, repr: str, modules: list[str] | None = None) -> Layout:
+    """The layout a collection takes from one reference adapter (its modules, ranks and scales)."""
+    names = list(reference.modules) if modules is None else modules
+    specs = []
+    for name in names:
+        mod = reference.modules[name]
+        bias = [("bias", tuple(mod.tensors["bias"].shape))] if "bias" in mod.tensors else []
+        if repr == "raw":
+            specs.append((name, mod.kind, mod.shape, mod.rank, mod.scale, _raw_parts(mod), mod.dora_axis))
+        elif repr == "canonical" and _is_plain_lora(mod):
+            specs.append((name, "lora", mod.shape, mod.rank, 1.0, _factor_shapes(mod, mod.rank) + bias, None))
+        else:
+            if mod.is_dora:
+                raise Mismatch(f"module {name!r} is DoRA: its ΔW needs base weights; use --repr raw")
+            specs.append((name, "full", mod.shape, 0, 1.0, [("diff", mod.shape), *bias], None))
+    return build_layout(repr, specs)
+
+
+def canonical_factors(
+    up: torch.Tensor, down: torch.Tensor, scale: float, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gauge-fixed ``(B_c, A_c)`` with ``B_c @ A_c == scale · up @ down`` (2-D, float64 inside).
+
+    Cost is O((out + in)·r²): QR of each factor and an SVD of the r×r core, never the out×in ΔW.
+    """
+    b = up.reshape(up.shape[0], -1).to(torch.float64)
+    a = down.reshape(down.shape[0], -1).to(torch.float64)
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    u, s, vh = torch.linalg.svd(scale * (rb @ ra.T))
+    root = s.sqrt()
+    bc = (qb @ u) * root
+    ac = root[:, None] * (vh @ qa.T)
+    pivot = ac.abs().argmax(dim=1)
+    signs = torch.sign(ac[torch.arange(ac.shape[0]), pivot])
+    signs[signs == 0] = 1
+    bc, ac = bc * signs, ac * signs[:, None]
+    k = bc.shape[1]
+    if k < rank:  # pad a lower-rank adapter with zero components (exact)
+        bc = torch.cat([bc, bc.new_zeros(bc.shape[0], rank - k)], 1)
+        ac = torch.cat([ac, ac.new_zeros(rank - k, ac.shape[1])], 0)
+    return bc[:, :rank], ac[:rank]
+
+
+def encode(adapter: Adapter, layout: Layout, out: np.ndarray | None = None) -> np.ndarray:
+    """One row (``n_features`` float32) for ``adapter`` in ``layout``; :class:`Mismatch` if it does not fit."""
+    row = np.empty(layout.n_features, dtype=np.float32) if out is None else out
+    for ml in layout.modules:
+        mod = adapter.modules.get(ml.name)
+        if mod is None:
+            if layout.repr == "delta":  # formats.md pitfall 7: a missing module is ΔW = 0
+                row[ml.columns] = 0
+                continue
+            raise Mismatch(f"module {ml.name!r} is missing")
+        values = _module_values(ml, mod, layout.repr)
+        for part in ml.parts:
+            t = values.get(part.name)
+            if t is None or tuple(t.shape) != part.shape:
+                got = None if t is None else tuple(t.shape)
+                raise Mismatch(
+                    f"module {ml.name!r} part {part.name!r} has shape {got}, layout expects {part.shape}"
+                )
+            row[part.offset : part.offset + part.size] = t.reshape(-1).to(torch.float32).numpy()
+    return row
+
+
+def _module_values(ml, mod: ModuleWeights, repr: str) -> dict[str, torch.Tensor]:
+    if repr == "raw":
+        if mod.kind != ml.kind or mod.is_dora != (ml.dora_axis is not None):
+            raise Mismatch(
+                f"module {ml.name!r} is {mod.kind}{'+dora' if mod.is_dora else ''}, layout expects {ml.kind}"
+            )
+        values = dict(mod.tensors)
+        ratio = mod.scale / ml.scale if ml.scale else 1.0
+        if not math.isclose(ratio, 1.0, rel_tol=1e-7):
+            target = {"lora": "up", "loha": "w1_a", "lokr": "w1" if "w1" in values else "w1_a"}.get(mod.kind)
+            if target is None:
+                raise Mismatch(f"module {ml.name!r} has scale {mod.scale}, layout {ml.scale}")
+            values[target] = values[target].to(torch.float32) * ratio
+        return values
+    bias = {"bias": mod.tensors["bias"]} if "bias" in mod.tensors else {}
+    if ml.kind == "lora":
+        if not _is_plain_lora(mod):
+            raise Mismatch(f"module {ml.name!r} is not a plain LoRA here")
+        if mod.rank > ml.rank:
+            raise Mismatch(f"module {ml.name!r} has rank {mod.rank}, layout rank {ml.rank}")
+        bc, ac = canonical_factors(mod.tensors["up"], mod.tensors["down"], mod.scale, ml.rank)
+        down_shape = (ml.rank, *mod.tensors["down"].shape[1:])
+        up_shape = (mod.tensors["up"].shape[0], ml.rank, *mod.tensors["up"].shape[2:])
+        return {"down": ac.reshape(down_shape), "up": bc.reshape(up_shape), **bias}
+    if mod.is_dora:
+        raise Mismatch(f"module {ml.name!r} is DoRA: its ΔW needs base weights; use --repr raw")
+    if tuple(mod.shape) != ml.shape:
+        raise Mismatch(f"module {ml.name!r} has shape {mod.shape}, layout expects {ml.shape}")
+    return {"diff": mod.direction_delta(), **bias}
+
+
+def decode(row: np.ndarray, layout: Layout, path: str = "<store row>", fmt: str = "wsa-store") -> Adapter:
+    """The adapter a row stands for (tensors are float32 copies)."""
+    modules = {}
+    for ml in layout.modules:
+        tensors = {
+            p.name: torch.from_numpy(
+                np.array(row[p.offset : p.offset + p.size], dtype=np.float32).reshape(p.shape)
+            )
+            for p in ml.parts
+        }
+        alpha = ml.alpha if ml.rank else None
+        modules[ml.name] = ModuleWeights(ml.kind, tensors, ml.shape, ml.rank, alpha, ml.scale, ml.dora_axis)  # type: ignore[arg-type]
+    return Adapter(path, fmt, modules, {})
+
+
+def delta_norm(adapter: Adapter) -> float:
+    """Frobenius norm of the whole adapter's ΔW (DoRA modules: of their direction update).
+
+    Plain LoRA uses ``‖s·B·A‖² = s²·tr((BᵀB)(AAᵀ))`` so no dense ΔW is formed.
+    """
+    total = 0.0
+    for mod in adapter.modules.values():
+        if _is_plain_lora(mod) or (mod.kind == "lora" and mod.is_dora):
+            b = mod.tensors["up"].reshape(mod.tensors["up"].shape[0], -1).double()
+            a = mod.tensors["down"].reshape(mod.tensors["down"].shape[0], -1).double()
+            if "mid" in mod.tensors:
+                total += float(mod.direction_delta().double().square().sum())
+            else:
+                total += mod.scale**2 * float(torch.trace((b.T @ b) @ (a @ a.T)))
+        else:
+            total += float(mod.direction_delta().double().square().sum())
+    return math.sqrt(max(total, 0.0))

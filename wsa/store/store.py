@@ -1,0 +1,153 @@
+"""The on-disk weight matrix: ``matrix-<token>.npy`` (N × D, memory-mapped) + ``wsa_store.json``.
+
+Format (version 1), all in one folder:
+
+* ``wsa_store.json`` — ``wsa_format_version``, ``wsa_version``, ``repr``, ``dtype``, ``n_rows``,
+  ``n_features``, ``matrix`` (file name), ``layout`` (modules → parts, offsets, shapes, rank, scale),
+  ``rows`` (per row: ``id``, ``source``, ``files`` fingerprints, ``sha256``, ``format``, ``kinds``,
+  ``n_params``, ``delta_norm``), ``problems`` (skipped files and why), ``config`` (the ingest options).
+* ``matrix-<token>.npy`` — a standard NumPy ``.npy`` (C order, float32 or float16), so any tool can
+  ``np.load(..., mmap_mode="r")`` it. A new build writes a new token and then swaps the manifest
+  atomically, so a crash never leaves a manifest pointing at a half-written matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsa.adapter import Adapter
+from wsa.errors import StoreError
+from wsa.store.layout import Layout
+from wsa.store.representations import decode
+
+FORMAT_VERSION = 1
+MANIFEST = "wsa_store.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file, fsync and rename: readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Store:
+    """A built collection. ``matrix`` is read-only and memory-mapped; nothing is loaded eagerly."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            hint = (
+                " (an unfinished ingest is there: run `wsa ingest` again to resume)"
+                if (self.path / ".partial").exists()
+                else ""
+            )
+            raise StoreError(f"not a wsa store (no {MANIFEST}){hint}", self.path)
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except ValueError as exc:
+            raise StoreError(f"{MANIFEST} is not valid JSON ({exc})", self.path) from None
+        version = self.manifest.get("wsa_format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"store format version {version!r}; this wsa reads version {FORMAT_VERSION}", self.path
+            )
+
+    @cached_property
+    def layout(self) -> Layout:
+        return Layout.from_json(self.manifest["layout"])
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.manifest["rows"]
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.rows]
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.ids)}
+
+    @property
+    def repr(self) -> str:
+        return self.manifest["repr"]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.manifest["n_features"])
+
+    @property
+    def matrix_path(self) -> Path:
+        return self.path / self.manifest["matrix"]
+
+    @cached_property
+    def matrix(self) -> np.ndarray:
+        """N × D, memory-mapped read-only (float32, or float16 if the store was built so)."""
+        try:
+            mm = np.load(self.matrix_path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"cannot open matrix file {self.manifest['matrix']} ({exc})", self.path
+            ) from None
+        if mm.shape != (len(self.ids), self.n_features):
+            raise StoreError(f"matrix shape {mm.shape} does not match the manifest", self.path)
+        return mm
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def index(self, key: int | str) -> int:
+        if isinstance(key, str):
+            try:
+                return self._index[key]
+            except KeyError:
+                raise StoreError(f"no row with id {key!r}", self.path) from None
+        if not -len(self) <= key < len(self):
+            raise StoreError(f"row {key} out of range (store has {len(self)} rows)", self.path)
+        return key % len(self)
+
+    def row(self, key: int | str) -> np.ndarray:
+        """One row as a float32 array (by position or id)."""
+        return np.asarray(self.matrix[self.index(key)], dtype=np.float32)
+
+    def to_adapter(self, key: int | str) -> Adapter:
+        """The adapter a row stands for; ``Adapter.delta`` gives its exact ΔW."""
+        i = self.index(key)
+        return decode(self.row(i), self.layout, path=f"{self.path}#{self.ids[i]}")
+
+    def iter_blocks(self, block_rows: int = 1024, rows: Sequence[int] | None = None):
+        """Yield ``(start, float32 block)`` over the matrix in bounded memory (for streaming solvers)."""
+        n = len(self) if rows is None else len(rows)
+        for start in range(0, n, block_rows):
+            idx = (
+                slice(start, min(start + block_rows, n)) if rows is None else rows[start : start + block_rows]
+            )
+            yield start, np.asarray(self.matrix[idx], dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({str(self.path)!r}, n_rows={len(self)}, n_features={self.n_features}, repr={self.repr!r})"
+        )
+
+
+def open_store(path: str | Path) -> Store:
+    """Open a store folder written by :func:`wsa.ingest`."""
+    return Store(path)
