@@ -22,9 +22,7 @@ def _print_store(s: dict) -> None:
     click.echo(f"formats    {', '.join(f'{k}: {v}' for k, v in sorted(s['formats'].items()))}")
     click.echo(f"algorithms {', '.join(f'{k}: {v}' for k, v in sorted(s['kinds'].items()))}")
     m = s["modules"]
-    click.echo(
-        f"modules    {m['count']}  ({', '.join(f'{k}: {v}' for k, v in sorted(m['by_component'].items()))})"
-    )
+    click.echo(f"modules    {m['count']}  ({', '.join(f'{k}: {v}' for k, v in sorted(m['by_component'].items()))})")
     click.echo(f"ranks      {', '.join(f'r={k}: {v}' for k, v in sorted(m['ranks'].items()))}")
     click.echo(f"scales     {', '.join(f'{k}: {v}' for k, v in sorted(m['scales'].items()))}")
     click.echo(f"‖ΔW‖_F     {_fmt_stats(s['delta_norm'])}")
@@ -41,9 +39,7 @@ def _print_adapter(s: dict) -> None:
     for m in s["modules"]:
         shape = "×".join(map(str, m["shape"]))
         dora = "+dora" if m["dora"] else ""
-        click.echo(
-            f"  {m['name']:<72} {m['kind']}{dora:<5} {shape:<14} r={m['rank']:<3} scale={m['scale']:.4g}"
-        )
+        click.echo(f"  {m['name']:<72} {m['kind']}{dora:<5} {shape:<14} r={m['rank']:<3} scale={m['scale']:.4g}")
 
 
 def _print_collection(s: dict) -> None:
@@ -83,6 +79,4 @@ def info(path: str, as_json: bool, quiet: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    {"store": _print_store, "adapter": _print_adapter, "collection": _print_collection}[summary["kind"]](
-        summary
-    )
+    {"store": _print_store, "adapter": _print_adapter, "collection": _print_collection}[summary["kind"]](summary)

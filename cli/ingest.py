@@ -9,9 +9,7 @@ from wsa.cli import main
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option(
-    "--out", "-o", required=True, type=click.Path(file_okay=False), help="Store folder to create or update."
-)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Store folder to create or update.")
 @click.option(
     "--repr",
     "representation",
@@ -39,12 +37,23 @@ from wsa.cli import main
     is_flag=True,
     help="Leave out unreadable or non-matching files (each reported) instead of failing.",
 )
-@click.option(
-    "--workers", type=click.IntRange(1, 64), default=None, help="Reader threads [default: CPUs, at most 8]."
-)
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Reader threads [default: CPUs, at most 8].")
 @click.option("--rehash", is_flag=True, help="Decide which rows to reuse by content hash, not size+mtime.")
+@click.option(
+    "--layout",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Read PATH as a w2w-style dataset matrix (.pt/.npy/.safetensors) with this layout file "
+    "(w2w's weight_dimensions.pt, or JSON {key: shape} in flattening order).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="LoRA alpha of a dataset [default: adapter_config.json beside the layout, else rank].",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash, quiet) -> None:
+def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash, layout, alpha, quiet) -> None:
     """Flatten every adapter under PATHS (recursive) into one N × D matrix at --out.
 
     \b
@@ -57,8 +66,19 @@ def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash
       wsa ingest ./loras --out ./space
       wsa ingest ./loras --out ./space-c --repr canonical --skip-bad
       wsa ingest a/ b/ c.safetensors --out ./space --modules intersect
+      wsa ingest all_weights.pt --layout files/weight_dimensions.pt --out ./w2w   # w2w release
     """
     from wsa.store import ingest as run_ingest
+
+    sources = None
+    if layout is not None:
+        from wsa.store.dataset import dataset_sources
+
+        if len(paths) != 1:
+            raise click.UsageError("--layout takes exactly one matrix file")
+        sources = dataset_sources(paths[0], layout, alpha=alpha)
+    elif alpha is not None:
+        raise click.UsageError("--alpha applies to datasets read with --layout")
 
     store = run_ingest(
         list(paths),
@@ -70,6 +90,7 @@ def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash
         workers=workers,
         rehash=rehash,
         progress=not quiet,
+        sources=sources,
     )
     skipped = store.manifest.get("problems", [])
     click.echo(

@@ -12,9 +12,7 @@ from wsa.cli import main
 @click.option("--n", type=click.IntRange(1), default=100, show_default=True, help="Number of adapters.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (same seed, same files).")
 @click.option("--rank", type=click.IntRange(1), default=1, show_default=True, help="LoRA rank.")
-@click.option(
-    "--factors", type=click.IntRange(2), default=16, show_default=True, help="Planted latent factors."
-)
+@click.option("--factors", type=click.IntRange(2), default=16, show_default=True, help="Planted latent factors.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def synth(out: str, n: int, seed: int, rank: int, factors: int, quiet: bool) -> None:
     """Write N rank-1 q/v LoRAs of SD 1.5 shape (99,648 raw parameters) to OUT.

@@ -38,7 +38,9 @@ SUFFIXES = {
     ".lora_magnitude_vector": "magnitude",
     ".alpha": "alpha",
 }
-_BARE_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.")
+_BARE_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "time_embedding.")
+#: PEFT-style suffixes that mark an unprefixed ``save_lora_adapter`` file (``ModelMixin`` level).
+_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector")
 
 
 def _sniff(path: Path, file: TensorFile | None) -> bool:
@@ -49,6 +51,8 @@ def _sniff(path: Path, file: TensorFile | None) -> bool:
             continue
         if key.startswith(_BARE_ROOTS) and ".processor." in key:
             continue  # oldest format: no component prefix
+        if key.startswith(_BARE_ROOTS) and key.endswith(_PEFT_SUFFIXES):
+            continue  # `unet.save_lora_adapter(...)`: PEFT names, no component prefix
         return False
     return True
 
@@ -71,16 +75,26 @@ def _canonical(module: str, path: Path) -> str:
 
 
 def _metadata_config(metadata: dict[str, str], path: Path) -> dict[str, dict]:
-    """``lora_adapter_metadata`` -> ``{file prefix: LoraConfig kwargs}``."""
+    """``lora_adapter_metadata`` -> ``{file prefix: LoraConfig kwargs}``.
+
+    The pipeline saver (``save_lora_weights``) writes one flat JSON object whose keys carry the
+    component, ``{"unet.r": 4, "unet.lora_alpha": 8, "text_encoder.r": ...}`` (diffusers
+    ``_pack_dict_with_prefix``); a model's ``save_lora_adapter`` writes the bare ``LoraConfig``
+    dict, which then applies to the (unprefixed) denoiser keys.
+    """
     if METADATA_KEY not in metadata:
         return {}
     try:
         flat = json.loads(metadata[METADATA_KEY])
     except ValueError:
         raise FormatError(f"header field {METADATA_KEY!r} is not JSON", path) from None
+    if not isinstance(flat, dict):
+        raise FormatError(f"header field {METADATA_KEY!r} is not a JSON object", path)
     out: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
+        if component + "." not in COMPONENTS or not field:
+            return {"unet.": flat, "transformer.": flat}  # bare LoraConfig dict
         out.setdefault(component + ".", {})[field] = value
     return out
 
@@ -104,7 +118,13 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
             cfg = configs[file_prefix]
             rslora = bool(cfg.get("use_rslora", False))
             pattern = pattern_value(cfg.get("alpha_pattern") or {}, rest)
-            alpha = float(pattern if pattern is not None else cfg.get("lora_alpha", cfg.get("r", 1)))
+            value = pattern if pattern is not None else cfg.get("lora_alpha", cfg.get("r"))
+            try:
+                alpha = float(value)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise FormatError(
+                    f"header field {METADATA_KEY!r} has no usable lora_alpha for {file_prefix[:-1]!r}", path
+                ) from None
         name = _canonical(raw_name, path)
         if name in modules:
             raise FormatError(f"module {name!r} appears twice under different spellings", path)

@@ -46,9 +46,7 @@ def _peft_files(folder: Path) -> tuple[Path, ...]:
     files: list[Path] = []
     for _, comp in component_folders(folder):
         files.append(comp / CONFIG)
-        files.extend(
-            p for p in (comp / "adapter_model.safetensors", comp / "adapter_model.bin") if p.is_file()
-        )
+        files.extend(p for p in (comp / "adapter_model.safetensors", comp / "adapter_model.bin") if p.is_file())
     return tuple(files)
 
 
@@ -73,9 +71,7 @@ def discover(paths: Iterable[str | Path]) -> list[Source]:
             sid = _source_id(adapter_path, base)
             files = _peft_files(adapter_path) if adapter_path.is_dir() else (adapter_path,)
             if sid in sources and sources[sid].path != adapter_path:
-                raise CollectionError(
-                    f"{adapter_path}: id {sid!r} also used by {sources[sid].path}; rename one"
-                )
+                raise CollectionError(f"{adapter_path}: id {sid!r} also used by {sources[sid].path}; rename one")
             sources[sid] = Source(sid, adapter_path, files)
     if not sources:
         raise CollectionError(

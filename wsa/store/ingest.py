@@ -96,9 +96,7 @@ def _hash_files(files: Iterable[Path]) -> str:
 def _npy_data_offset(path: Path) -> int:
     with path.open("rb") as fh:
         version = np.lib.format.read_magic(fh)
-        reader = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         reader(fh)
         return fh.tell()
 
@@ -162,9 +160,7 @@ def _map_loads(
             return str(exc).removeprefix(f"{src.path}: ")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        bar = tqdm(
-            total=len(sources), desc=desc, unit="adapter", disable=None if progress else True, file=sys.stderr
-        )
+        bar = tqdm(total=len(sources), desc=desc, unit="adapter", disable=None if progress else True, file=sys.stderr)
         yield from _bounded(pool, load, sources, workers * 4, bar)
         bar.close()
 
@@ -246,9 +242,7 @@ def ingest(
         np.save(partial / "done.npy", np.zeros(len(sources), dtype=np.uint8))
         write_json_atomic(partial / "plan.json", plan)
     layout = Layout.from_json(plan["layout"])
-    return _build(
-        out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list
-    )
+    return _build(out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list)
 
 
 def _load_plan(partial: Path, config: dict, sources: list[Source]) -> dict | None:
@@ -278,9 +272,7 @@ def _read_rows_journal(path: Path, done: np.ndarray) -> dict[int, dict]:
     return facts
 
 
-def _build(
-    out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list
-) -> Store:
+def _build(out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list) -> Store:
     matrix_path = partial / f"matrix-{plan['token']}.npy"
     offset = _npy_data_offset(matrix_path)
     itemsize = np.dtype(opts.dtype).itemsize
@@ -288,10 +280,7 @@ def _build(
     done = np.load(partial / "done.npy")
     facts = _read_rows_journal(partial / "rows.jsonl", done)
     done = np.array(
-        [
-            1 if i in facts and "problem" not in facts[i] else (2 if i in facts else 0)
-            for i in range(len(sources))
-        ],
+        [1 if i in facts and "problem" not in facts[i] else (2 if i in facts else 0) for i in range(len(sources))],
         dtype=np.uint8,
     )
 
@@ -333,9 +322,7 @@ def _build(
 
     problems = [(str(sources[i].path), facts[i]["problem"]) for i in sorted(facts) if "problem" in facts[i]]
     problems += [
-        tuple(p)
-        for p in plan.get("scan_problems", [])
-        if opts.modules != "exact" and tuple(p) not in problems
+        tuple(p) for p in plan.get("scan_problems", []) if opts.modules != "exact" and tuple(p) not in problems
     ]
     if problems and not skip_bad:
         lines = "; ".join(f"{p}: {r}" for p, r in problems[:5])
@@ -368,23 +355,18 @@ def _reuse_old_rows(
     old: Store | None, sources, plan, layout: Layout, todo: list[int], record, rehash: bool
 ) -> list[int]:
     """Copy rows of the previous store whose files did not change; return what is left to read."""
-    if (
-        old is None
-        or old.manifest.get("layout") != plan["layout"]
-        or old.manifest.get("config") != plan["config"]
-    ):
+    if old is None or old.manifest.get("layout") != plan["layout"] or old.manifest.get("config") != plan["config"]:
         return todo
     previous = {r["id"]: (i, r) for i, r in enumerate(old.rows)}
     left = []
     for i in todo:
         src = sources[i]
         hit = previous.get(src.id)
-        unchanged = hit is not None and hit[1]["source"] == str(src.path)
+        unchanged = hit is not None and hit[1]["source"] == str(src.path) and hit[1].get("row") == src.row
         if unchanged:
+            by_hash = rehash and src.row is None  # dataset rows: the matrix file's fingerprint decides
             unchanged = (
-                (_hash_files(src.files) == hit[1]["sha256"])
-                if rehash
-                else (hit[1]["files"] == src.fingerprint())
+                (_hash_files(src.files) == hit[1]["sha256"]) if by_hash else (hit[1]["files"] == src.fingerprint())
             )
         if unchanged:
             entry = {k: v for k, v in hit[1].items() if k not in {"i"}}
@@ -399,7 +381,7 @@ def _encode_rows(
 ) -> None:
     def work(i: int) -> tuple[dict, np.ndarray | None]:
         src = sources[i]
-        base = {"id": src.id, "source": str(src.path), "files": src.fingerprint()}
+        base = {"id": src.id, "source": str(src.path), "files": src.fingerprint(), "row": src.row}
         try:
             adapter = src.load()
             row = encode(adapter, layout)

@@ -102,9 +102,7 @@ def encode(adapter: Adapter, layout: Layout, out: np.ndarray | None = None) -> n
             t = values.get(part.name)
             if t is None or tuple(t.shape) != part.shape:
                 got = None if t is None else tuple(t.shape)
-                raise Mismatch(
-                    f"module {ml.name!r} part {part.name!r} has shape {got}, layout expects {part.shape}"
-                )
+                raise Mismatch(f"module {ml.name!r} part {part.name!r} has shape {got}, layout expects {part.shape}")
             row[part.offset : part.offset + part.size] = t.reshape(-1).to(torch.float32).numpy()
     return row
 
@@ -145,9 +143,7 @@ def decode(row: np.ndarray, layout: Layout, path: str = "<store row>", fmt: str 
     modules = {}
     for ml in layout.modules:
         tensors = {
-            p.name: torch.from_numpy(
-                np.array(row[p.offset : p.offset + p.size], dtype=np.float32).reshape(p.shape)
-            )
+            p.name: torch.from_numpy(np.array(row[p.offset : p.offset + p.size], dtype=np.float32).reshape(p.shape))
             for p in ml.parts
         }
         alpha = ml.alpha if ml.rank else None

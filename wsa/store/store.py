@@ -66,9 +66,7 @@ class Store:
             raise StoreError(f"{MANIFEST} is not valid JSON ({exc})", self.path) from None
         version = self.manifest.get("wsa_format_version")
         if version != FORMAT_VERSION:
-            raise StoreError(
-                f"store format version {version!r}; this wsa reads version {FORMAT_VERSION}", self.path
-            )
+            raise StoreError(f"store format version {version!r}; this wsa reads version {FORMAT_VERSION}", self.path)
 
     @cached_property
     def layout(self) -> Layout:
@@ -104,9 +102,7 @@ class Store:
         try:
             mm = np.load(self.matrix_path, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise StoreError(
-                f"cannot open matrix file {self.manifest['matrix']} ({exc})", self.path
-            ) from None
+            raise StoreError(f"cannot open matrix file {self.manifest['matrix']} ({exc})", self.path) from None
         if mm.shape != (len(self.ids), self.n_features):
             raise StoreError(f"matrix shape {mm.shape} does not match the manifest", self.path)
         return mm
@@ -137,15 +133,11 @@ class Store:
         """Yield ``(start, float32 block)`` over the matrix in bounded memory (for streaming solvers)."""
         n = len(self) if rows is None else len(rows)
         for start in range(0, n, block_rows):
-            idx = (
-                slice(start, min(start + block_rows, n)) if rows is None else rows[start : start + block_rows]
-            )
+            idx = slice(start, min(start + block_rows, n)) if rows is None else rows[start : start + block_rows]
             yield start, np.asarray(self.matrix[idx], dtype=np.float32)
 
     def __repr__(self) -> str:
-        return (
-            f"Store({str(self.path)!r}, n_rows={len(self)}, n_features={self.n_features}, repr={self.repr!r})"
-        )
+        return f"Store({str(self.path)!r}, n_rows={len(self)}, n_features={self.n_features}, repr={self.repr!r})"
 
 
 def open_store(path: str | Path) -> Store:
