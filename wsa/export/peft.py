@@ -3,8 +3,11 @@
 Keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` as ``PeftModel.save_pretrained``
 writes them; the scale lives only in the config (``lora_alpha / r``), so the most common rank and
 alpha become ``r`` / ``lora_alpha`` and every other module gets a ``rank_pattern`` / ``alpha_pattern``
-entry. Patterns are keyed ``^<full module path>``, the anchored spelling diffusers uses, so one
-entry can never match a second module by suffix. An adapter with text-encoder modules becomes a
+entry. PEFT matches ``target_modules`` entries and pattern keys as dot-separated *suffixes* of
+module names, so the full module path names exactly one module. Text-encoder paths drop their
+leading ``text_model.``: transformers 5 flattened ``CLIPTextModel`` (``encoder.layers.0…``) while
+files keep the old spelling (``text_model.encoder.layers.0…``), and the shorter suffix matches
+both. An adapter with text-encoder modules becomes a
 pipeline folder (``unet/``, ``text_encoder/``, ``text_encoder_2/``), as wsa's reader and w2w expect.
 """
 
@@ -37,9 +40,14 @@ _LOHA = ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")
 _LOKR = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
 
 
+def target_name(path: str) -> str:
+    """The ``target_modules`` / pattern entry for a module path (see the module docstring)."""
+    return path.removeprefix("text_model.")
+
+
 def _patterns(values: Mapping[str, float]) -> tuple[float | int, dict[str, float | int]]:
     default = most_common(values.values())
-    return default, {f"^{name}": num(v) for name, v in values.items() if num(v) != default}
+    return default, {target_name(name): num(v) for name, v in values.items() if num(v) != default}
 
 
 def lora_config(modules: Mapping[str, ModuleWeights]) -> dict[str, object]:
@@ -56,7 +64,7 @@ def lora_config(modules: Mapping[str, ModuleWeights]) -> dict[str, object]:
         "lora_alpha": lora_alpha,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(modules),
+        "target_modules": sorted(target_name(n) for n in modules),
         "use_dora": any(m.is_dora for m in modules.values()),
         "lora_bias": any("bias" in m.tensors for m in modules.values()),
         "use_rslora": False,
@@ -77,7 +85,9 @@ def lora_tensors(path: str, m: ModuleWeights, dtype: torch.dtype) -> dict[str, T
         # PEFT adds ``scaling · lora_B.bias`` to the base bias (layer.py ``merge``), so undo the scale.
         out[f"{path}.lora_B.bias"] = cast(m.tensors["bias"].to(torch.float32) / m.scale, dtype)
     if m.is_dora:
-        out[f"{path}.lora_magnitude_vector"] = cast(m.tensors["magnitude"].reshape(-1), dtype)
+        # PEFT's shapes: ``(out,)`` for Linear, ``(1, out, 1, 1)`` for conv (dora.py ``get_weight_norm``).
+        shape = (-1,) if len(m.shape) == 2 else (1, -1, *[1] * (len(m.shape) - 2))
+        out[f"{path}.lora_magnitude_vector"] = cast(m.tensors["magnitude"].reshape(shape), dtype)
     return out
 
 
@@ -118,7 +128,7 @@ def _lycoris_config(modules: Mapping[str, ModuleWeights], peft_type: str) -> dic
         "alpha": alpha,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "target_modules": sorted(modules),
+        "target_modules": sorted(target_name(n) for n in modules),
         "rank_dropout": 0.0,
         "module_dropout": 0.0,
         "use_effective_conv2d": any("t1" in m.tensors or "t2" in m.tensors for m in modules.values()),

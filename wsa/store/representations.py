@@ -113,6 +113,8 @@ def _module_values(ml, mod: ModuleWeights, repr: str) -> dict[str, torch.Tensor]
             raise Mismatch(
                 f"module {ml.name!r} is {mod.kind}{'+dora' if mod.is_dora else ''}, layout expects {ml.kind}"
             )
+        if mod.rank != ml.rank:
+            raise Mismatch(f"module {ml.name!r} has rank {mod.rank}, layout rank {ml.rank} (try --repr delta)")
         values = dict(mod.tensors)
         ratio = mod.scale / ml.scale if ml.scale else 1.0
         if not math.isclose(ratio, 1.0, rel_tol=1e-7):
