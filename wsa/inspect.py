@@ -16,8 +16,8 @@ from tqdm import tqdm
 from wsa.adapter import Adapter
 from wsa.errors import WsaError
 from wsa.formats import load_adapter
-from wsa.store.discover import discover
 from wsa.store.builder import describe_signature, signature
+from wsa.store.discover import discover
 from wsa.store.store import MANIFEST, Store
 
 

@@ -2,13 +2,15 @@
 
 Keys ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight`` as ``PeftModel.save_pretrained``
 writes them; the scale lives only in the config (``lora_alpha / r``), so the most common rank and
-alpha become ``r`` / ``lora_alpha`` and every other module gets a ``rank_pattern`` / ``alpha_pattern``
-entry. PEFT matches ``target_modules`` entries and pattern keys as dot-separated *suffixes* of
-module names, so the full module path names exactly one module. Text-encoder paths drop their
-leading ``text_model.``: transformers 5 flattened ``CLIPTextModel`` (``encoder.layers.0…``) while
-files keep the old spelling (``text_model.encoder.layers.0…``), and the shorter suffix matches
-both. An adapter with text-encoder modules becomes a
-pipeline folder (``unet/``, ``text_encoder/``, ``text_encoder_2/``), as wsa's reader and w2w expect.
+alpha become ``r`` / ``lora_alpha`` and every other module gets a ``rank_pattern`` /
+``alpha_pattern`` entry. PEFT matches ``target_modules`` entries and pattern keys as dot-separated
+*suffixes* of module names, so the full module path names exactly one module. Text-encoder paths
+drop their leading ``text_model.``: transformers 5 flattened ``CLIPTextModel``
+(``encoder.layers.0…``) while files keep the old spelling (``text_model.encoder.layers.0…``), and
+the shorter suffix matches both. PEFT maps tensor keys without any such conversion, so text-encoder
+keys are written the way PEFT + transformers 5 saves them (``base_model.model.encoder.layers.0…``);
+wsa reads both. An adapter with text-encoder modules becomes a pipeline folder (``unet/``,
+``text_encoder/``, ``text_encoder_2/``), as wsa's reader and w2w expect.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def write(adapter: Adapter, out: Path, *, metadata: Mapping[str, str] | None, dt
         folder = out / component if pipeline else out
         tensors: dict[str, Tensor] = {}
         for path, m in modules.items():
-            key = KEY_PREFIX + path
+            key = KEY_PREFIX + (target_name(path) if component != DENOISER else path)
             if peft_type == "LORA":
                 tensors.update(lora_tensors(key, m, dtype))
             else:
