@@ -45,6 +45,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-from wsa.cli import info, ingest, synth  # noqa: E402  (commands register themselves on `main`)
+from wsa.cli import export, info, ingest, synth  # noqa: E402  (commands register themselves on `main`)
 
-__all__ = ["info", "ingest", "main", "synth"]
+__all__ = ["export", "info", "ingest", "main", "synth"]

@@ -66,3 +66,20 @@ def test_usage_error_exit_2(tmp_path: Path) -> None:
     assert code == 2
     code, _, err = run("ingest", str(tmp_path), "--out", str(tmp_path / "s"), "--alpha", "3")
     assert code == 2 and "--layout" in err
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft", "diffusers"])
+def test_export_rows_load_back_exactly(tmp_path: Path, fmt: str) -> None:
+    import torch
+
+    import wsa
+
+    loras, space = tmp_path / "loras", tmp_path / "space"
+    run("synth", str(loras), "--n", "3", "-q")
+    run("ingest", str(loras), "--out", str(space), "--repr", "canonical", "-q")
+    code, out, _ = run("export", str(space), "--ids", "id_1", "--format", fmt, "--out", str(tmp_path / "x"))
+    assert code == 0
+    exported = wsa.load_adapter(out.strip())
+    original = wsa.load_adapter(loras / "id_1" / "unet")
+    for name in original.modules:
+        torch.testing.assert_close(exported.delta(name), original.delta(name), atol=1e-6, rtol=1e-5)

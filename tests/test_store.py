@@ -100,6 +100,7 @@ def test_canonical_factors_properties() -> None:
     assert torch.all(ac[torch.arange(2), pivots] > 0)  # the sign rule
     bc2, ac2 = canonical_factors(-up, -down, 0.5, rank=3)  # sign flip of both factors: same ΔW
     torch.testing.assert_close(ac2, ac)
+    torch.testing.assert_close(bc2, bc)
 
 
 def test_raw_folds_alpha_relative_to_reference(tmp_path: Path) -> None:
