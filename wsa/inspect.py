@@ -95,9 +95,7 @@ def collection_summary(path: Path, progress: bool = True) -> dict[str, Any]:
     formats: Counter[str] = Counter()
     norms: list[float] = []
     problems = []
-    for src in tqdm(
-        sources, desc="scan", unit="adapter", disable=None if progress else True, file=sys.stderr
-    ):
+    for src in tqdm(sources, desc="scan", unit="adapter", disable=None if progress else True, file=sys.stderr):
         try:
             adapter = src.load()
         except WsaError as exc:

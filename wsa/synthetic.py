@@ -24,11 +24,7 @@ from tqdm import tqdm
 SD15_ATTENTION_BLOCKS: tuple[tuple[str, int], ...] = (
     *((f"down_blocks.{i}.attentions.{j}", c) for i, c in enumerate((320, 640, 1280)) for j in range(2)),
     ("mid_block.attentions.0", 1280),
-    *(
-        (f"up_blocks.{i}.attentions.{j}", c)
-        for i, c in zip((1, 2, 3), (1280, 640, 320), strict=True)
-        for j in range(3)
-    ),
+    *((f"up_blocks.{i}.attentions.{j}", c) for i, c in zip((1, 2, 3), (1280, 640, 320), strict=True) for j in range(3)),
 )
 CROSS_ATTENTION_DIM = 768
 
@@ -68,13 +64,9 @@ def synth_collection(
     mods = list(modules) if modules is not None else w2w_modules()
     rng = np.random.default_rng(seed)
     shared_a = {
-        m: (rng.uniform(-1, 1, size=(rank, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
-        for m, fan_in, _ in mods
+        m: (rng.uniform(-1, 1, size=(rank, fan_in)) / np.sqrt(fan_in)).astype(np.float32) for m, fan_in, _ in mods
     }
-    basis = {
-        m: rng.standard_normal((n_factors, fan_out * rank)).astype(np.float32) * 1e-3
-        for m, _, fan_out in mods
-    }
+    basis = {m: rng.standard_normal((n_factors, fan_out * rank)).astype(np.float32) * 1e-3 for m, _, fan_out in mods}
     z = rng.standard_normal((n, n_factors)).astype(np.float32)
     targets = sorted({m.rsplit(".", 1)[-1] for m, _, _ in mods})
     config = {
@@ -93,16 +85,12 @@ def synth_collection(
         "init_lora_weights": True,
     }
     width = len(str(n - 1))
-    for i in tqdm(
-        range(n), desc="synth", unit="adapter", disable=None if progress else True, file=sys.stderr
-    ):
+    for i in tqdm(range(n), desc="synth", unit="adapter", disable=None if progress else True, file=sys.stderr):
         folder = out / f"id_{i:0{width}d}" / "unet"
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for m, fan_in, fan_out in mods:
-            a = (shared_a[m] + a_jitter * rng.standard_normal(shared_a[m].shape) / np.sqrt(fan_in)).astype(
-                np.float32
-            )
+            a = (shared_a[m] + a_jitter * rng.standard_normal(shared_a[m].shape) / np.sqrt(fan_in)).astype(np.float32)
             b = (z[i] @ basis[m] + noise * 1e-3 * rng.standard_normal(fan_out * rank)).astype(np.float32)
             tensors[f"base_model.model.{m}.lora_A.weight"] = torch.from_numpy(a)
             tensors[f"base_model.model.{m}.lora_B.weight"] = torch.from_numpy(b.reshape(fan_out, rank))

@@ -15,9 +15,7 @@ from wsa.errors import FormatError
 from wsa.formats.names import natural_key
 
 
-def split_keys(
-    keys: list[str], suffixes: Mapping[str, str], path: object
-) -> dict[str, dict[str, str]]:
+def split_keys(keys: list[str], suffixes: Mapping[str, str], path: object) -> dict[str, dict[str, str]]:
     """Group file keys by module: ``{module: {part: key}}``, using the longest matching suffix.
 
     Raises a :class:`FormatError` naming the first keys no suffix matches.

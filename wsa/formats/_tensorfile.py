@@ -31,9 +31,7 @@ class TensorFile:
         if not self.path.is_file():
             raise FormatError("no such file", self.path)
         if self.path.suffix not in TENSOR_SUFFIXES:
-            raise FormatError(
-                f"not a tensor file (expected one of {', '.join(TENSOR_SUFFIXES)})", self.path
-            )
+            raise FormatError(f"not a tensor file (expected one of {', '.join(TENSOR_SUFFIXES)})", self.path)
         if self.path.stat().st_size == 0:
             raise FormatError("file is empty", self.path)
 

@@ -37,6 +37,8 @@ SUFFIXES = {
     ".up.weight": "up",
     ".lora_magnitude_vector": "magnitude",
     ".alpha": "alpha",
+    # LoKr (diffusers >= 0.37 loads `<component>.<path>.lokr_w1` ... as a PEFT LoKrConfig)
+    **{f".lokr_{p}": f"lokr_{p}" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
 }
 _BARE_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "time_embedding.")
 #: PEFT-style suffixes that mark an unprefixed ``save_lora_adapter`` file (``ModelMixin`` level).
@@ -61,7 +63,7 @@ def _split_component(module: str) -> tuple[str, str, str]:
     """``unet.down_blocks...`` -> (file prefix, canonical prefix, path)."""
     for file_prefix, canonical in COMPONENTS.items():
         if module.startswith(file_prefix):
-            return file_prefix, canonical, module[len(file_prefix):]
+            return file_prefix, canonical, module[len(file_prefix) :]
     return "unet.", "", module
 
 
@@ -108,17 +110,23 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
     for raw_name, parts in groups.items():
         for part in ("down", "up"):
             key = parts.get(part, "")
-            spelled = (f".lora.{part}.weight", f".lora_linear_layer.{part}.weight", f".lora_{'A' if part == 'down' else 'B'}.weight")
+            spelled = (
+                f".lora.{part}.weight",
+                f".lora_linear_layer.{part}.weight",
+                f".lora_{'A' if part == 'down' else 'B'}.weight",
+            )
             if key and not key.endswith(spelled) and not raw_name.endswith("_lora"):
                 raise FormatError(f"unexpected key {key!r}: not a LoRA tensor", path)
         file_prefix, _, rest = _split_component(raw_name)
         alpha = read_alpha(tensors[parts.pop("alpha")], raw_name + ".alpha", path) if "alpha" in parts else None
         rslora = False
+        lokr = any(p.startswith("lokr_") for p in parts)
         if file_prefix in configs:
             cfg = configs[file_prefix]
             rslora = bool(cfg.get("use_rslora", False))
             pattern = pattern_value(cfg.get("alpha_pattern") or {}, rest)
-            value = pattern if pattern is not None else cfg.get("lora_alpha", cfg.get("r"))
+            alpha_key = "alpha" if lokr else "lora_alpha"
+            value = pattern if pattern is not None else cfg.get(alpha_key, cfg.get("r"))
             try:
                 alpha = float(value)  # type: ignore[arg-type]
             except (TypeError, ValueError):
@@ -128,7 +136,7 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
         name = _canonical(raw_name, path)
         if name in modules:
             raise FormatError(f"module {name!r} appears twice under different spellings", path)
-        modules[name] = build_module(
+        mod = build_module(
             name,
             {p: tensors[k] for p, k in parts.items()},
             alpha=alpha,
@@ -137,6 +145,16 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
             dora_axis="out",
             base_shapes=base_shapes,
         )
+        if lokr:
+            # diffusers builds a PEFT LoKrConfig: with metadata, scale = alpha / r (config r, as PEFT);
+            # without, its converters have baked alpha into the factors and it loads with scale 1.
+            scale = 1.0
+            if file_prefix in configs:
+                cfg = configs[file_prefix]
+                r = pattern_value(cfg.get("rank_pattern") or {}, rest) or cfg.get("r", mod.rank or 1)
+                scale = float(alpha) / float(r)  # type: ignore[arg-type]
+            mod = ModuleWeights(mod.kind, mod.tensors, mod.shape, mod.rank, alpha, scale, mod.dora_axis)
+        modules[name] = mod
     return make_adapter(path, "diffusers", modules, file.metadata)
 
 

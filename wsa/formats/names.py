@@ -30,14 +30,55 @@ _COMPOUNDS: tuple[tuple[str, ...], ...] = tuple(
     tuple(w.split("_"))
     for w in sorted(
         [
-            "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v",
-            "to_out", "proj_in", "proj_out", "conv_in", "conv_out", "conv_shortcut", "time_emb_proj",
-            "time_embedding", "linear_1", "linear_2", "add_embedding", "conv_norm_out", "text_model",
-            "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
-            "final_layer_norm", "add_k_proj", "add_v_proj", "add_q_proj", "to_add_out", "input_blocks",
-            "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers", "skip_connection",
-            "time_embed", "label_emb", "token_embedding", "position_embedding", "text_projection",
-            "single_transformer_blocks", "norm_out", "proj_mlp", "ff_context", "norm1_context",
+            "down_blocks",
+            "up_blocks",
+            "mid_block",
+            "transformer_blocks",
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out",
+            "proj_in",
+            "proj_out",
+            "conv_in",
+            "conv_out",
+            "conv_shortcut",
+            "time_emb_proj",
+            "time_embedding",
+            "linear_1",
+            "linear_2",
+            "add_embedding",
+            "conv_norm_out",
+            "text_model",
+            "self_attn",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "out_proj",
+            "layer_norm1",
+            "layer_norm2",
+            "final_layer_norm",
+            "add_k_proj",
+            "add_v_proj",
+            "add_q_proj",
+            "to_add_out",
+            "input_blocks",
+            "middle_block",
+            "output_blocks",
+            "in_layers",
+            "out_layers",
+            "emb_layers",
+            "skip_connection",
+            "time_embed",
+            "label_emb",
+            "token_embedding",
+            "position_embedding",
+            "text_projection",
+            "single_transformer_blocks",
+            "norm_out",
+            "proj_mlp",
+            "ff_context",
+            "norm1_context",
         ],
         key=lambda w: -w.count("_"),
     )
@@ -84,7 +125,7 @@ _TOP_LEVEL = {
 def _resnet(prefix: str, rest: str) -> str:
     for ldm, diff in _RESNET_LEAVES.items():
         if rest == ldm or rest.startswith(ldm + "."):
-            return f"{prefix}.{diff}{rest[len(ldm):]}"
+            return f"{prefix}.{diff}{rest[len(ldm) :]}"
     return f"{prefix}.{rest}"
 
 
@@ -99,7 +140,7 @@ def ldm_to_diffusers(path: str) -> str:
     """
     for ldm, diff in _TOP_LEVEL.items():
         if path == ldm or path.startswith(ldm + "."):
-            return diff + path[len(ldm):]
+            return diff + path[len(ldm) :]
     m = re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.?(.*)", path)
     if m:
         n, sub, rest = int(m[1]), int(m[2]), m[3]
@@ -155,14 +196,19 @@ def kohya_module_to_canonical(name: str) -> str | None:
     """``lora_unet_down_blocks_0_..._to_q`` -> canonical path; ``None`` if the prefix is unknown."""
     for prefix, component in KOHYA_PREFIXES.items():
         if name.startswith(prefix):
-            dotted = kohya_path_to_dotted(name[len(prefix):])
+            dotted = kohya_path_to_dotted(name[len(prefix) :])
             return component + canonical_text_encoder_path(dotted) if component else canonical_unet_path(dotted)
     return None
 
 
 #: Old diffusers processor / CLIP attention names -> modern names.
 _PROCESSOR_LEAVES = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
-_CLIP_PROCESSOR_LEAVES = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+_CLIP_PROCESSOR_LEAVES = {
+    "to_q_lora": "q_proj",
+    "to_k_lora": "k_proj",
+    "to_v_lora": "v_proj",
+    "to_out_lora": "out_proj",
+}
 
 
 def processor_to_canonical(path: str, text_encoder: bool) -> str:
@@ -182,7 +228,7 @@ def kohya_name(canonical: str) -> str:
     """
     for component, prefix in (("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_")):
         if canonical.startswith(component):
-            return prefix + canonical[len(component):].replace(".", "_")
+            return prefix + canonical[len(component) :].replace(".", "_")
     return "lora_unet_" + canonical.replace(".", "_")
 
 
