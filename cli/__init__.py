@@ -45,6 +45,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-from wsa.cli import export, info, ingest, synth  # noqa: E402  (commands register themselves on `main`)
+from wsa.cli import analyze, export, info, ingest, synth  # noqa: E402  (commands register themselves)
 
-__all__ = ["export", "info", "ingest", "main", "synth"]
+__all__ = ["analyze", "export", "info", "ingest", "main", "synth"]

@@ -1,0 +1,78 @@
+"""Pluggable analyzers of a fitted weight space (installed as ``wsa.analyses``).
+
+Adding an analyzer is one module plus one registry entry: subclass :class:`Analyzer` in
+``analyses/<name>.py``, decorate it with ``@register_analyzer``, and add the module name to
+``BUILTIN`` below. Third-party packages register under the entry-point group ``wsa.analyzers``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, NotFittedError, Result, Table
+from wsa.errors import ConfigError
+from wsa.registry import Registry
+
+ANALYZERS: Registry[type[Analyzer]] = Registry("analyzer")
+
+#: Built-in analyzers, in the order a full run executes them (later ones may use earlier results).
+BUILTIN = ("pca", "layers", "probes", "manifold", "interpolation", "sampling", "outliers")
+ENTRY_POINT_GROUP = "wsa.analyzers"
+_loaded = False
+
+
+def register_analyzer(cls: type[Analyzer]) -> type[Analyzer]:
+    """Class decorator: register ``cls`` under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    return ANALYZERS.register(cls.name)(cls)
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in BUILTIN:
+        try:
+            importlib.import_module(f"wsa.analyses.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"wsa.analyses.{module}":
+                raise
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in ANALYZERS:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:
+            dist = getattr(ep.dist, "name", "?")
+            raise ConfigError(f"analyzer plug-in {ep.name!r} from {dist!r} failed to load: {exc}") from None
+        ANALYZERS.register(ep.name)(cls)
+
+
+def get_analyzer(name: str) -> type[Analyzer]:
+    _load_all()
+    return ANALYZERS.get(name)
+
+
+def available_analyzers() -> list[str]:
+    """Registered names in run order (built-ins first, then plug-ins alphabetically)."""
+    _load_all()
+    names = ANALYZERS.names()
+    return [n for n in BUILTIN if n in names] + [n for n in names if n not in BUILTIN]
+
+
+__all__ = [
+    "ANALYZERS",
+    "AnalysisContext",
+    "Analyzer",
+    "Figure",
+    "Metric",
+    "NotFittedError",
+    "Result",
+    "Table",
+    "available_analyzers",
+    "get_analyzer",
+    "register_analyzer",
+]

@@ -1,0 +1,233 @@
+"""The analyzer contract (scikit-learn style) and the frozen results analyzers hand to reports.
+
+Why this shape: parameters are stored as given and validated in ``fit`` (so ``get_params`` round-trips
+and configs echo exactly); results are plain, JSON-serialisable values (so the report, the
+``results.json`` twin and tests all read the same numbers); analyzers never keep the N × D matrix.
+"""
+
+from __future__ import annotations
+
+import base64
+import inspect
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from wsa.errors import ConfigError, WsaError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from wsa.space import Space
+    from wsa.store import Store
+
+
+class NotFittedError(WsaError):
+    """``result()`` or a transform was called before ``fit``."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One headline number, with what a reader needs to judge it."""
+
+    name: str
+    value: float | None
+    higher_is_better: bool | None = None
+    chance: float | None = None
+    ci: tuple[float, float] | None = None
+    units: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "value": _clean(self.value),
+            "higher_is_better": self.higher_is_better,
+            "chance": _clean(self.chance),
+            "ci": None if self.ci is None else [_clean(self.ci[0]), _clean(self.ci[1])],
+            "units": self.units,
+        }
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table for the report (sortable) and a CSV file (``<analyzer>_<name>.csv``)."""
+
+    name: str
+    caption: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+    write_csv: bool = True
+    max_rows_in_report: int = 200
+
+    @classmethod
+    def from_frame(cls, name: str, caption: str, frame: pd.DataFrame, **kwargs: Any) -> Table:
+        rows = tuple(tuple(_clean(v) for v in rec) for rec in frame.itertuples(index=False, name=None))
+        return cls(name, caption, tuple(str(c) for c in frame.columns), rows, **kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "caption": self.caption,
+            "columns": list(self.columns),
+            "rows": [list(r) for r in self.rows],
+        }
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A PNG with a caption that says what to look for."""
+
+    name: str
+    caption: str
+    png: bytes
+
+    @classmethod
+    def from_matplotlib(cls, name: str, caption: str, fig: Any, dpi: int = 110) -> Figure:
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        return cls(name, caption, buf.getvalue())
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one analyzer found: headline metrics, tables, figures, notes, and every number (``data``)."""
+
+    analyzer: str
+    title: str
+    summary: str
+    metrics: tuple[Metric, ...] = ()
+    tables: tuple[Table, ...] = ()
+    figures: tuple[Figure, ...] = ()
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    data: Mapping[str, Any] = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "analyzer": self.analyzer,
+            "title": self.title,
+            "summary": self.summary,
+            "params": _clean(dict(self.params)),
+            "metrics": [m.to_json() for m in self.metrics],
+            "tables": [t.to_json() for t in self.tables],
+            "figures": [{"name": f.name, "caption": f.caption} for f in self.figures],
+            "notes": list(self.notes),
+            "warnings": list(self.warnings),
+            "data": _clean(dict(self.data)),
+        }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars/arrays to Python, NaN/Inf to None, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@dataclass
+class AnalysisContext:
+    """What every analyzer may read. Built once per ``wsa analyze`` run.
+
+    ``space`` is the fitted PCA of the store (mean, scale, components, coefficients of every row);
+    ``labels`` is aligned to ``space.ids`` (one row per adapter, ``None`` where no table was given);
+    ``results`` holds the results of analyzers that ran earlier (e.g. ``probes`` for ``sampling``);
+    ``artifacts`` is for fitted objects later analyzers and commands reuse (probe directions).
+    """
+
+    store: Store
+    space: Space
+    labels: pd.DataFrame | None = None
+    random_state: int = 0
+    device: str = "auto"
+    out: Path | None = None
+    decoder: Callable[..., Any] | None = None
+    results: dict[str, Result] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+
+class Analyzer:
+    """Base class: ``fit(ctx) -> self`` then ``result() -> Result``.
+
+    Subclasses set ``name``, ``title``, ``reference``, declare keyword-only ``__init__`` parameters
+    that are stored unchanged, list checks in ``_parameter_constraints`` (parameter -> (predicate,
+    description)), and put fitted state in attributes ending in ``_``.
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    requires_labels: ClassVar[bool] = False
+    _parameter_constraints: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind == p.KEYWORD_ONLY]
+
+    def get_params(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> Analyzer:
+        valid = set(self._param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise ConfigError(
+                    f"analyzer {self.name!r} has no parameter {key!r} (parameters: {', '.join(sorted(valid))})"
+                )
+            setattr(self, key, value)
+        return self
+
+    def _validate_params(self) -> None:
+        for key, (check, description) in self._parameter_constraints.items():
+            value = getattr(self, key)
+            if not check(value):
+                raise ConfigError(f"The {key!r} parameter of {self.name} must be {description}; got {value!r} instead.")
+
+    def fit(self, ctx: AnalysisContext) -> Analyzer:
+        raise NotImplementedError
+
+    def _check_is_fitted(self) -> None:
+        if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):
+            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first.")
+
+    def result(self) -> Result:
+        raise NotImplementedError
+
+
+def positive_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+
+
+def fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and 0 < float(v) < 1
+
+
+def one_of(options: Sequence[Any]) -> Callable[[Any], bool]:
+    return lambda v: v in options

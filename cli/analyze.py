@@ -1,0 +1,110 @@
+"""``wsa analyze``: adapters or a store -> HTML report, results.json, CSVs and the fitted space."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from wsa.cli import main
+
+
+def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from wsa.analyses import available_analyzers, get_analyzer
+
+    for name in available_analyzers():
+        click.echo(f"{name:<14} {get_analyzer(name).title}")
+    ctx.exit()
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Attribute table (CSV/Parquet/JSON) joined on adapter id.",
+)
+@click.option("--analyzers", help="Comma-separated analyzers to run [default: all]; see `wsa analyze --list`.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="TOML config ([analyze] + one table per analyzer).",
+)
+@click.option("--n-components", type=click.IntRange(1), help="PCs to keep [default: 1000, capped at N-1].")
+@click.option(
+    "--standardize/--no-standardize", default=None, help="z-score each parameter before PCA (w2w does) [default: no]."
+)
+@click.option(
+    "--repr",
+    "representation",
+    type=click.Choice(["raw", "canonical", "delta"]),
+    help="Representation when ingesting adapter folders [default: raw].",
+)
+@click.option(
+    "--solver",
+    type=click.Choice(["auto", "exact", "randomized", "streaming"]),
+    help="PCA solver [default: auto, by size].",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where PCA runs [default: auto].")
+@click.option("--seed", type=int, help="Random seed for splits, solvers and maps [default: 0].")
+@click.option(
+    "--cache", type=click.Path(file_okay=False), help="Where adapter folders are ingested [default: OUT/store]."
+)
+@click.option(
+    "--list",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_list_analyzers,
+    help="List the available analyzers and exit.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def analyze(
+    inputs,
+    out,
+    labels,
+    analyzers,
+    config_path,
+    n_components,
+    standardize,
+    representation,
+    solver,
+    device,
+    seed,
+    cache,
+    quiet,
+) -> None:
+    """Analyse a collection and write a self-contained HTML report to --out.
+
+    \b
+    INPUTS are adapter files/folders (ingested on the fly, cached) or one store.
+    The report folder holds index.html (opens from disk), results.json (every
+    number), CSVs, and the fitted space (space/) for sample/edit/invert.
+
+    \b
+    Examples:
+      wsa analyze ./loras --labels attributes.csv --out reports/identities
+      wsa analyze ./space --analyzers pca,probes,manifold --config analysis.toml --out reports/x
+    """
+    from wsa.analyses.run import AnalyzeConfig, load_config, run_analysis
+
+    config = load_config(config_path) if config_path else AnalyzeConfig()
+    overrides = {
+        "labels": labels,
+        "n_components": n_components,
+        "standardize": standardize,
+        "repr": representation,
+        "solver": solver,
+        "device": device,
+        "seed": seed,
+        "analyzers": [a.strip() for a in analyzers.split(",") if a.strip()] if analyzers else None,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    index = run_analysis(list(inputs), out, config, cache=cache, argv=["wsa", *sys.argv[1:]], progress=not quiet)
+    click.echo(str(index))

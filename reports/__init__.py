@@ -1,0 +1,1 @@
+"""Report writers (installed as ``wsa.reports``): render analyzer results, never compute them."""
