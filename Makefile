@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) lint
+# The report test opens index.html in headless Chromium (Debian's `chromium`); WSA_SKIP_BROWSER=1 skips it.
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser test will fail (or set WSA_SKIP_BROWSER=1)"
+
+test: $(STAMP) lint browser
 	$(PY) -m pytest -q -m "not gpu"
 
 bench: $(STAMP)
