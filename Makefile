@@ -16,10 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The main job on the embedded default: a synthetic w2w-shaped collection with planted attributes,
+# analysed into reports/demo/index.html (open it from disk).
 demo: $(STAMP)
-	$(VENV)/bin/wsa synth demo/loras --n 300 --seed 0
-	$(VENV)/bin/wsa ingest demo/loras --out demo/space
-	$(VENV)/bin/wsa info demo/space
+	$(VENV)/bin/wsa synth demo/loras --n 300 --seed 0 --quiet
+	$(VENV)/bin/wsa analyze demo/loras --labels demo/loras/attributes.csv --out reports/demo --quiet
+	$(VENV)/bin/wsa info reports/demo/store
+	@echo "report: reports/demo/index.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
