@@ -15,8 +15,8 @@ from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, fraction
 
 
-def residual_fractions(ctx: AnalysisContext, block_rows: int = 2048) -> np.ndarray:
-    """Per fitted row: ``‖x̃ − x̂‖² / ‖x̃‖²`` in the (centered, scaled) space, streamed over the store."""
+def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: int = 2048) -> np.ndarray:
+    """Per fitted row: ``‖x̃ − x̂_k‖² / ‖x̃‖²`` in the (centered, scaled) space with the first ``k`` PCs."""
     space = ctx.space
     index = {rid: i for i, rid in enumerate(ctx.store.ids)}
     rows = [index[rid] for rid in space.ids]
@@ -24,7 +24,8 @@ def residual_fractions(ctx: AnalysisContext, block_rows: int = 2048) -> np.ndarr
     for start, block in ctx.store.iter_blocks(block_rows, rows=rows):
         z = (block - space.mean) / space.scale
         total[start : start + len(block)] = np.einsum("ij,ij->i", z, z, dtype=np.float64)
-    kept = np.einsum("ij,ij->i", space.coefficients, space.coefficients, dtype=np.float64)
+    coef = space.coefficients[:, :k]
+    kept = np.einsum("ij,ij->i", coef, coef, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.clip(1.0 - kept / total, 0.0, 1.0)
 
@@ -44,9 +45,12 @@ class PCA(Analyzer):
         ),
     }
 
-    def __init__(self, *, heldout_fraction: float = 0.2, heldout_ks: list[int] | None = None) -> None:
+    def __init__(
+        self, *, heldout_fraction: float = 0.2, heldout_ks: list[int] | None = None, eval_k: int | None = None
+    ) -> None:
         self.heldout_fraction = heldout_fraction
         self.heldout_ks = heldout_ks
+        self.eval_k = eval_k
 
     def fit(self, ctx: AnalysisContext) -> PCA:
         from wsa.space import heldout_reconstruction
@@ -57,7 +61,9 @@ class PCA(Analyzer):
         self.ratio_ = np.asarray(space.explained_variance_ratio, dtype=np.float64)
         self.cumulative_ = np.cumsum(self.ratio_)
         self.needed_ = {f"{int(f * 100)}%": space.n_components_for(f) for f in (0.9, 0.95, 0.99)}
-        self.residual_ = residual_fractions(ctx)
+        # Per-model error at a k that means something: with all N-1 PCs every fitted model is exact.
+        self.eval_k_ = min(self.eval_k or self.needed_["95%"] or self.k_, self.k_)
+        self.residual_ = residual_fractions(ctx, self.eval_k_)
         self.ids_ = list(space.ids)
         self.heldout_: dict[str, Any] | None = None
         n = space.n_samples
@@ -104,18 +110,19 @@ class PCA(Analyzer):
         )
         fig, ax = plt.subplots(figsize=(5, 3.4))
         ax.hist(self.residual_, bins=40, color="#009E73")
-        ax.set(xlabel="unexplained fraction of ‖x − mean‖² with all kept PCs", ylabel="models")
+        ax.set(xlabel=f"unexplained fraction of ‖x − mean‖² with k={self.eval_k_} PCs", ylabel="models")
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
         figures.append(
             Figure.from_matplotlib(
                 "reconstruction",
-                "Per-model reconstruction error with the kept components. Models far to the right are not "
-                "well described by the space (see the outliers section).",
+                f"Per-model reconstruction error with the first {self.eval_k_} components (enough for 95% of the "
+                "variance). Models far to the right are not well described by the space (see the outliers section).",
                 fig,
             )
         )
         metrics = [
             Metric("PCs for 95% variance", None if self.needed_["95%"] is None else float(self.needed_["95%"]), False),
-            Metric("mean reconstruction error (fitted)", float(np.nanmean(self.residual_)), False),
+            Metric(f"mean reconstruction error at k={self.eval_k_}", float(np.nanmean(self.residual_)), False),
         ]
         notes = []
         data: dict[str, Any] = {
@@ -123,6 +130,7 @@ class PCA(Analyzer):
             "explained_variance_ratio": self.ratio_,
             "cumulative": self.cumulative_,
             "pcs_needed": self.needed_,
+            "reconstruction_k": self.eval_k_,
             "reconstruction_error": dict(zip(self.ids_, self.residual_.tolist(), strict=True)),
         }
         if self.heldout_ is not None:
@@ -158,7 +166,7 @@ class PCA(Analyzer):
         )
         per_model = Table(
             "reconstruction",
-            "Per-model reconstruction error (fraction of variance not captured)",
+            f"Per-model reconstruction error at k={self.eval_k_} (fraction of ‖x − mean‖² not captured)",
             ("id", "error"),
             tuple(sorted(zip(self.ids_, self.residual_.round(6).tolist(), strict=True), key=lambda r: -r[1])),
         )

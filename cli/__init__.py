@@ -29,6 +29,28 @@ class WsaGroup(click.Group):
             sys.exit(1)
 
 
+def command_line(ctx: click.Context) -> list[str]:
+    """The command as the user gave it, rebuilt from the parameters that came from the command line.
+
+    Why not ``sys.argv``: it is wrong under ``CliRunner`` and in notebooks; click knows each value's source.
+    """
+    words = ["wsa", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        if param.name is None or ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            words.extend(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+        elif getattr(param, "is_flag", False) and not getattr(param, "secondary_opts", None):
+            if value:
+                words.append(param.opts[0])
+        elif getattr(param, "secondary_opts", None) and isinstance(value, bool):
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            words.extend([param.opts[0], str(value)])
+    return words
+
+
 @click.group(cls=WsaGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.version_option(package_name="wsa")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from wsa.cli import main
+from wsa.cli import command_line, main
 
 
 def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -106,5 +104,7 @@ def analyze(
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
-    index = run_analysis(list(inputs), out, config, cache=cache, argv=["wsa", *sys.argv[1:]], progress=not quiet)
+    index = run_analysis(
+        list(inputs), out, config, cache=cache, argv=command_line(click.get_current_context()), progress=not quiet
+    )
     click.echo(str(index))
