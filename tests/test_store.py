@@ -248,3 +248,18 @@ def test_w2w_dataset_matches_folders(tmp_path: Path) -> None:
     np.save(tmp_path / "m.npy", torch.stack(rows)[:, :-1].numpy())
     with pytest.raises(wsa.FormatError, match="covers"):
         dataset_sources(tmp_path / "m.npy", tmp_path / "weight_dimensions.pt")
+
+
+def test_unchanged_collection_is_a_no_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    loras = make_collection(tmp_path / "loras", n=4)
+    first = wsa.ingest(loras, tmp_path / "s", progress=False)
+
+    def no_load(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("an unchanged collection must not be read again")
+
+    monkeypatch.setattr(ingest_mod.Source, "load", no_load)
+    again = wsa.ingest(loras, tmp_path / "s", progress=False)
+    assert again.matrix_path == first.matrix_path
+    (loras / "id_2" / "unet" / "adapter_model.safetensors").touch()  # mtime changes -> that row is re-read
+    with pytest.raises(AssertionError, match="must not be read"):
+        wsa.ingest(loras, tmp_path / "s", progress=False)

@@ -223,6 +223,8 @@ def ingest(
     config = asdict(opts)
 
     plan = _load_plan(partial, config, sources)
+    if plan is None and old is not None and not rehash and _unchanged(old, config, sources):
+        return old  # nothing to do: same options, same files (size and mtime)
     if plan is None:
         shutil.rmtree(partial, ignore_errors=True)
         if old is not None and old.manifest.get("config") == config:
@@ -243,6 +245,15 @@ def ingest(
         write_json_atomic(partial / "plan.json", plan)
     layout = Layout.from_json(plan["layout"])
     return _build(out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list)
+
+
+def _unchanged(old: Store, config: dict, sources: list[Source]) -> bool:
+    if old.manifest.get("config") != config or old.ids != [s.id for s in sources]:
+        return False
+    return all(
+        row["source"] == str(src.path) and row.get("row") == src.row and row["files"] == src.fingerprint()
+        for row, src in zip(old.rows, sources, strict=True)
+    )
 
 
 def _load_plan(partial: Path, config: dict, sources: list[Source]) -> dict | None:
@@ -358,6 +369,10 @@ def _reuse_old_rows(
     if old is None or old.manifest.get("layout") != plan["layout"] or old.manifest.get("config") != plan["config"]:
         return todo
     previous = {r["id"]: (i, r) for i, r in enumerate(old.rows)}
+    # Read old rows with pread, not through the memory map, so copied pages never count as resident.
+    fd = os.open(old.matrix_path, os.O_RDONLY)
+    offset = _npy_data_offset(old.matrix_path)
+    row_bytes = old.n_features * np.dtype(old.manifest["dtype"]).itemsize
     left = []
     for i in todo:
         src = sources[i]
@@ -370,9 +385,11 @@ def _reuse_old_rows(
             )
         if unchanged:
             entry = {k: v for k, v in hit[1].items() if k not in {"i"}}
-            record(i, entry, np.asarray(old.matrix[hit[0]]))
+            data = os.pread(fd, row_bytes, offset + hit[0] * row_bytes)
+            record(i, entry, np.frombuffer(data, dtype=old.manifest["dtype"]))
         else:
             left.append(i)
+    os.close(fd)
     return left
 
 
