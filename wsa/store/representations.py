@@ -156,17 +156,19 @@ def decode(row: np.ndarray, layout: Layout, path: str = "<store row>", fmt: str 
 def delta_norm(adapter: Adapter) -> float:
     """Frobenius norm of the whole adapter's ΔW (DoRA modules: of their direction update).
 
-    Plain LoRA uses ``‖s·B·A‖² = s²·tr((BᵀB)(AAᵀ))`` so no dense ΔW is formed.
+    Plain LoRA uses ``‖s·B·A‖² = s²·Σ (BᵀB) ⊙ (AAᵀ)`` (r × r Gram matrices, numpy float64), so no
+    dense ΔW is formed.
     """
     total = 0.0
     for mod in adapter.modules.values():
-        if _is_plain_lora(mod) or (mod.kind == "lora" and mod.is_dora):
-            b = mod.tensors["up"].reshape(mod.tensors["up"].shape[0], -1).double()
-            a = mod.tensors["down"].reshape(mod.tensors["down"].shape[0], -1).double()
-            if "mid" in mod.tensors:
-                total += float(mod.direction_delta().double().square().sum())
-            else:
-                total += mod.scale**2 * float(torch.trace((b.T @ b) @ (a @ a.T)))
+        if mod.kind == "lora" and "mid" not in mod.tensors:
+            b = _np64(mod.tensors["up"]).reshape(mod.tensors["up"].shape[0], -1)
+            a = _np64(mod.tensors["down"]).reshape(mod.tensors["down"].shape[0], -1)
+            total += mod.scale**2 * float(np.sum((b.T @ b) * (a @ a.T)))
         else:
             total += float(mod.direction_delta().double().square().sum())
     return math.sqrt(max(total, 0.0))
+
+
+def _np64(t: torch.Tensor) -> np.ndarray:
+    return (t.numpy() if t.dtype != torch.bfloat16 else t.float().numpy()).astype(np.float64)
