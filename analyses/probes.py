@@ -15,8 +15,6 @@ deviations.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ import pandas as pd
 
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table
+from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, StoreError
 from wsa.labels import AttributeInfo, describe_attributes
 
@@ -495,7 +494,7 @@ class Probes(Analyzer):
                 tensors[f"{name}/{part}"] = np.ascontiguousarray(vec, dtype=np.float32)
         blob = safetensors_save(tensors, metadata={"wsa": json.dumps({"k": self.k_, "kind": "directions"})})
         tensors_path, json_path = folder / DIRECTIONS_TENSORS, folder / DIRECTIONS_JSON
-        _write_atomic(tensors_path, blob)
+        write_bytes(tensors_path, blob)
         meta = {
             "wsa_directions_version": DIRECTIONS_VERSION,
             "wsa_version": _wsa_version(),
@@ -518,7 +517,7 @@ class Probes(Analyzer):
             },
             "params": _jsonable(self.get_params()),
         }
-        _write_atomic(json_path, json.dumps(meta, indent=1, sort_keys=True).encode())
+        write_bytes(json_path, json.dumps(meta, indent=1, sort_keys=True).encode())
         return tensors_path, json_path
 
     # --------------------------------------------------------------------------------------- result
@@ -889,20 +888,6 @@ def _wsa_version() -> str:
         return metadata.version("wsa")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "unknown"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_directions(folder: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, npt.NDArray[np.float32]]]]:

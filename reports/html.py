@@ -19,7 +19,6 @@ import html
 import io
 import json
 import math
-import os
 import re
 import shlex
 import struct
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from wsa.analyses.base import Figure, Metric, Result, Table, _clean
+from wsa.atomic import write_bytes
 from wsa.reports.assets import CSS, ERROR_JS, SORT_JS
 
 _MIDDOT = " \u00b7 "
@@ -70,11 +70,11 @@ def write_report(results: Sequence[Result], run_info: Mapping[str, Any], out: st
 
     csv_names = _csv_names(results)
     for (i, j), filename in csv_names.items():
-        _write_atomic(out / filename, _csv_bytes(results[i].tables[j]))
+        write_bytes(out / filename, _csv_bytes(results[i].tables[j]))
 
     payload = {"run": _clean(run_info), "results": [r.to_json() for r in results]}
     text = json.dumps(payload, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
-    _write_atomic(out / "results.json", text.encode("utf-8"))
+    write_bytes(out / "results.json", text.encode("utf-8"))
 
     page = _render_page(results, run_info, csv_names, size_alert=None)
     if len(page) > MAX_REPORT_BYTES:
@@ -84,35 +84,11 @@ def write_report(results: Sequence[Result], run_info: Mapping[str, Any], out: st
         )
         page = _render_page(results, run_info, csv_names, size_alert=alert)
     index = out / "index.html"
-    _write_atomic(index, page)
+    write_bytes(index, page)
     return index
 
 
 # ---------------------------------------------------------------------------------------------- files
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _safe_filename(text: str) -> str:

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 from tqdm import tqdm
 
+from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, StoreError
 from wsa.store import Store
 
@@ -200,7 +200,7 @@ class Space:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         blob = safetensors_save({name: np.ascontiguousarray(getattr(self, name)) for name in _TENSOR_NAMES})
-        _write_bytes_atomic(folder / SPACE_TENSORS, blob)
+        write_bytes(folder / SPACE_TENSORS, blob)
         meta = {
             "wsa_space_version": SPACE_VERSION,
             "tensors_sha256": hashlib.sha256(blob).hexdigest(),
@@ -211,7 +211,7 @@ class Space:
             "ids": list(self.ids),
             "config": self.config,
         }
-        _write_bytes_atomic(folder / SPACE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode())
+        write_bytes(folder / SPACE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode())
 
     @classmethod
     def load(cls, folder: str | Path) -> Space:
@@ -487,20 +487,6 @@ def _flip_signs(vt: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- fitting
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers see the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _default_block_rows(d: int) -> int:

@@ -9,8 +9,6 @@ directory, is fsynced, then renamed over the target with ``os.replace``.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +19,7 @@ from torch import Tensor
 
 import wsa
 from wsa.adapter import Adapter, ModuleWeights
+from wsa.atomic import write_with
 from wsa.errors import ConfigError
 
 #: dtypes the exporters write; alphas are always float32 (see :func:`alpha_tensor`).
@@ -117,39 +116,12 @@ def header(adapter: Adapter, fmt: str, extra: Mapping[str, str] | None) -> dict[
         raise ConfigError(f"metadata must be JSON-serialisable strings ({exc})") from None
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic(path: Path, write) -> Path:  # type: ignore[no-untyped-def]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def save_safetensors(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
     """Write ``tensors`` with string ``metadata`` to ``path`` atomically."""
-    return _atomic(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
+    return write_with(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
 
 
 def save_json(path: Path, obj: object) -> Path:
     """Write ``obj`` as indented, sorted-key JSON to ``path`` atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return write_with(path, lambda tmp: Path(tmp).write_text(text))

@@ -33,11 +33,12 @@ from tqdm import tqdm
 
 import wsa
 from wsa.adapter import Adapter
+from wsa.atomic import write_json
 from wsa.errors import CollectionError, ConfigError, StoreError, WsaError
 from wsa.store.discover import Source, discover
 from wsa.store.layout import REPRESENTATIONS, Layout
 from wsa.store.representations import Mismatch, delta_norm, encode, layout_for
-from wsa.store.store import FORMAT_VERSION, MANIFEST, Store, write_json_atomic
+from wsa.store.store import FORMAT_VERSION, MANIFEST, Store
 
 MODULE_MODES = ("exact", "intersect", "union")
 DTYPES = ("float32", "float16")
@@ -242,7 +243,7 @@ def ingest(
         partial.mkdir(parents=True)
         _allocate(partial / f"matrix-{plan['token']}.npy", len(sources), layout.n_features, opts.dtype)
         np.save(partial / "done.npy", np.zeros(len(sources), dtype=np.uint8))
-        write_json_atomic(partial / "plan.json", plan)
+        write_json(partial / "plan.json", plan)
     layout = Layout.from_json(plan["layout"])
     return _build(out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list)
 
@@ -477,7 +478,7 @@ def _finalize(
         "config": plan["config"],
         "inputs": [str(p) for p in path_list],
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     if old is not None and old.matrix_path != final_matrix:
         old.matrix_path.unlink(missing_ok=True)
     shutil.rmtree(partial, ignore_errors=True)

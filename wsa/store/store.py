@@ -14,8 +14,6 @@ Format (version 1), all in one folder:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -30,21 +28,6 @@ from wsa.store.representations import decode
 
 FORMAT_VERSION = 1
 MANIFEST = "wsa_store.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temp file, fsync and rename: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Store:
