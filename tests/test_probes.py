@@ -264,7 +264,7 @@ def test_registered():
         ({"cv": 1}, "'cv'"),
         ({"c": 0}, "'c'"),
         ({"debias": "some"}, "'debias'"),
-        ({"n_components": 100}, "exceeds"),
+        ({"n_components": 0}, "'n_components'"),
         ({"attributes": ["nope"]}, "not label columns"),
         ({"debias": ["nope"]}, "not label columns"),
     ],
