@@ -67,6 +67,6 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-from wsa.cli import analyze, export, info, ingest, synth  # noqa: E402  (commands register themselves)
+from wsa.cli import analyze, export, info, ingest, synth, world  # noqa: E402  (commands register themselves)
 
-__all__ = ["analyze", "export", "info", "ingest", "main", "synth"]
+__all__ = ["analyze", "export", "info", "ingest", "main", "synth", "world"]

@@ -1,0 +1,100 @@
+"""Embedded worlds: concept families with known attributes, rendered to images (a miniature of w2w).
+
+A family (``faces``, ``dogs``) samples identities (a table of exact attributes, like w2w's
+``identity_df``) and nuisance settings, and renders them to images deterministically; fine-tuning one
+adapter per identity then gives a weight space whose ground truth is known. A new family is one
+module: subclass :class:`~wsa.worlds.family.Family`, decorate it with ``@register_family("name")``,
+and import the module below.
+
+Example
+-------
+>>> from wsa.worlds import get_family
+>>> faces = get_family("faces")
+>>> ids, views = faces.sample_identities(4, seed=0), faces.sample_nuisance(4, seed=0)
+>>> faces.render(ids, views, size=32).shape
+torch.Size([4, 3, 32, 32])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from wsa.registry import Registry
+from wsa.worlds.family import IDENTITY_TOKEN, AttributeSpec, Family, NuisanceSpec
+
+if TYPE_CHECKING:
+    import torch
+
+FAMILIES: Registry[type[Family]] = Registry("concept family")
+
+
+def register_family(name: str) -> Callable[[type[Family]], type[Family]]:
+    """Class decorator: register a :class:`Family` subclass under ``name`` (sets ``cls.name``)."""
+    add = FAMILIES.register(name)
+
+    def decorate(cls: type[Family]) -> type[Family]:
+        if not (isinstance(cls, type) and issubclass(cls, Family)):
+            raise TypeError(f"{cls!r} is not a Family subclass")
+        cls.name = name
+        return add(cls)
+
+    return decorate
+
+
+def get_family(name: str) -> Family:
+    """An instance of the family registered as ``name`` (unknown names list the choices)."""
+    return FAMILIES.get(name)()
+
+
+def available_families(pattern: str = "*") -> list[str]:
+    """Registered family names, sorted (``pattern`` is a shell wildcard)."""
+    return FAMILIES.names(pattern)
+
+
+def tile_images(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
+    """Images (B, 3, H, W) in [0, 1] as one grid picture, row-major, no gaps.
+
+    Returns
+    -------
+    ndarray of shape (rows * H, columns * W, 3), uint8
+        ``columns`` defaults to ``ceil(sqrt(B))``; missing tiles of the last row are black.
+    """
+    n, _, h, w = images.shape
+    columns = max(1, columns or math.ceil(math.sqrt(max(n, 1))))
+    rows = max(1, math.ceil(n / columns))
+    pixels = np.zeros((rows * columns, h, w, 3), dtype=np.uint8)
+    pixels[:n] = (images.detach().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return pixels.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
+    """Write :func:`tile_images` of ``images`` as a PNG at ``path`` (atomically)."""
+    from PIL import Image
+
+    from wsa.atomic import write_with
+
+    picture = Image.fromarray(tile_images(images, columns))
+    return write_with(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+from wsa.worlds import dogs, faces  # noqa: E402  (built-in families register themselves)
+
+__all__ = [
+    "FAMILIES",
+    "IDENTITY_TOKEN",
+    "AttributeSpec",
+    "Family",
+    "NuisanceSpec",
+    "available_families",
+    "dogs",
+    "faces",
+    "get_family",
+    "register_family",
+    "save_grid",
+    "tile_images",
+]
