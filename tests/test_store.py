@@ -263,3 +263,13 @@ def test_unchanged_collection_is_a_no_op(tmp_path: Path, monkeypatch: pytest.Mon
     (loras / "id_2" / "unet" / "adapter_model.safetensors").touch()  # mtime changes -> that row is re-read
     with pytest.raises(AssertionError, match="must not be read"):
         wsa.ingest(loras, tmp_path / "s", progress=False)
+
+
+def test_read_rows_matches_the_memory_map(tmp_path: Path) -> None:
+    store = wsa.ingest(make_collection(tmp_path / "loras", n=6), tmp_path / "s", dtype="float16", progress=False)
+    order = [4, 5, 0, 2, 3]  # runs and jumps
+    np.testing.assert_array_equal(store.read_rows(order), np.asarray(store.matrix[order], dtype=np.float32))
+    blocks = np.concatenate([b for _, b in store.iter_blocks(block_rows=4)])
+    np.testing.assert_array_equal(blocks, np.asarray(store.matrix, dtype=np.float32))
+    with pytest.raises(StoreError, match="out of range"):
+        store.read_rows([6])
