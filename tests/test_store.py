@@ -273,3 +273,12 @@ def test_read_rows_matches_the_memory_map(tmp_path: Path) -> None:
     np.testing.assert_array_equal(blocks, np.asarray(store.matrix, dtype=np.float32))
     with pytest.raises(StoreError, match="out of range"):
         store.read_rows([6])
+
+
+def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
+    from wsa.atomic import write_json
+
+    target = write_json(tmp_path / "x.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask

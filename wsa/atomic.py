@@ -25,6 +25,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_with(path: str | Path, writer: Callable[[str], object]) -> Path:
     """Let ``writer(tmp_path)`` write a temp file, then make it ``path`` atomically."""
     path = Path(path)
@@ -33,6 +39,7 @@ def write_with(path: str | Path, writer: Callable[[str], object]) -> Path:
     os.close(fd)
     try:
         writer(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
