@@ -53,3 +53,37 @@ def render(family: str, out: str, n: int, seed: int, size: int, columns: int | N
     table = pd.concat([identities, nuisance], axis=1).assign(prompt=fam.prompts(nuisance))
     csv = write_with(png.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
     click.echo(f"{png}: {n} {fam.name} at {size}x{size}; attributes and views in {csv}")
+
+
+@world.command(
+    "train-base",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("family", required=False)
+@click.pass_context
+def train_base(ctx: click.Context, family: str | None) -> None:
+    """Train FAMILY's base diffusion model (GPU recommended): wsa world train-base FAMILY --out DIR [options].
+
+    \b
+    Every option of the training loop is passed through (one source of defaults:
+    wsa.worlds.train_base.TrainConfig); `wsa world train-base --help` lists them.
+
+    \b
+    Example (the shipped faces base, on one H100):
+      wsa world train-base faces --out wsa/worlds/assets/faces/base --max-minutes 8.5 --chunk-reuse 4
+    """
+    from wsa.worlds.train_base import main as train_main
+
+    if family is None or family in ("-h", "--help") or "--help" in ctx.args or "-h" in ctx.args:
+        click.echo(ctx.get_help())
+        click.echo("\nTraining options:")
+        click.echo(_train_help())
+        return
+    raise SystemExit(train_main(["--family", family, *ctx.args]))
+
+
+def _train_help() -> str:
+    from wsa.worlds.train_base import _parser
+
+    return _parser().format_help()
