@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on the embedded default: a synthetic w2w-shaped collection with planted attributes,
-# analysed into reports/demo/index.html (open it from disk).
+# The main job on the embedded default: the shipped faces zoo (1,000 rank-1 LoRAs fine-tuned on the
+# shipped base model) unpacked as PEFT folders and analysed, with decoded image galleries scored by the
+# attribute oracle, into reports/demo/index.html (open it from disk). No GPU needed.
 demo: $(STAMP)
-	$(VENV)/bin/wsa synth demo/loras --n 300 --seed 0 --quiet
-	$(VENV)/bin/wsa analyze demo/loras --labels demo/loras/attributes.csv --out reports/demo --quiet
+	$(VENV)/bin/wsa world unpack faces --out demo/faces
+	$(VENV)/bin/wsa analyze demo/faces --labels demo/faces/attributes.csv --decode --out reports/demo --quiet
 	$(VENV)/bin/wsa info reports/demo/store
 	@echo "report: reports/demo/index.html"
 

@@ -17,7 +17,7 @@ from wsa.registry import Registry
 ANALYZERS: Registry[type[Analyzer]] = Registry("analyzer")
 
 #: Built-in analyzers, in the order a full run executes them (later ones may use earlier results).
-BUILTIN = ("pca", "layers", "probes", "manifold", "interpolation", "sampling", "outliers")
+BUILTIN = ("pca", "layers", "probes", "manifold", "interpolation", "sampling", "outliers", "gallery")
 ENTRY_POINT_GROUP = "wsa.analyzers"
 _loaded = False
 

@@ -184,6 +184,7 @@ class Analyzer:
     title: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
+    requires_decoder: ClassVar[bool] = False  # needs ``ctx.decoder`` (``wsa analyze --decode``)
     _parameter_constraints: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
     @classmethod

@@ -248,6 +248,7 @@ class Manifold(Analyzer):
                 n_neighbors=min(int(self.n_neighbors), n - 1),
                 min_dist=float(self.min_dist),
                 random_state=random_state,
+                n_jobs=1,  # a seed makes UMAP single-threaded anyway; saying so silences its warning
             )
             return np.asarray(reducer.fit_transform(x), dtype=np.float64)
         from sklearn.manifold import TSNE

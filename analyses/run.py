@@ -35,6 +35,9 @@ class AnalyzeConfig:
     seed: int = 0
     device: str = "auto"
     labels: str | None = None
+    decode: bool = False
+    base: str | None = None
+    decode_steps: int = 25
     analyzer_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -119,7 +122,12 @@ def run_analysis(
 
     config = config or AnalyzeConfig()
     out = Path(out)
-    names = config.analyzers or available_analyzers()
+    names = config.analyzers or [
+        n for n in available_analyzers() if config.decode or not getattr(get_analyzer(n), "requires_decoder", False)
+    ]
+    needing = [n for n in names if getattr(get_analyzer(n), "requires_decoder", False)]
+    if needing and not config.decode:
+        raise ConfigError(f"analyzer(s) {needing} decode images; add --decode (and --base if it cannot be found)")
     # Construct and validate every analyzer before any heavy work: a typo fails in a second.
     analyzers = []
     for name in names:
@@ -152,6 +160,11 @@ def run_analysis(
     space.save(out / "space")
     timings["space"] = time.perf_counter() - t0
     labels = load_labels(config.labels, list(space.ids)) if config.labels else None
+    decoder = None
+    if config.decode:
+        from wsa.decoding.decoder import decoder_for_store
+
+        decoder = decoder_for_store(store, config.base, config.device, steps=config.decode_steps)
 
     ctx = AnalysisContext(
         store=store,
@@ -160,6 +173,7 @@ def run_analysis(
         random_state=config.seed,
         device=config.device,
         out=out,
+        decoder=decoder,
         progress=progress,
     )
     results: list[Result] = []

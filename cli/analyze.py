@@ -60,6 +60,17 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     callback=_list_analyzers,
     help="List the available analyzers and exit.",
 )
+@click.option(
+    "--decode/--no-decode",
+    default=None,
+    help="Decode members, sampled models and interpolation paths into image galleries (the gallery analyzer).",
+)
+@click.option(
+    "--base",
+    help="Base model for --decode: builtin:faces, builtin:dogs or a base folder [default: read from zoo.json "
+    "or adapter_config.json].",
+)
+@click.option("--decode-steps", type=click.IntRange(1, 1000), help="DDIM steps per decoded image [default: 25].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def analyze(
     inputs,
@@ -74,6 +85,9 @@ def analyze(
     device,
     seed,
     cache,
+    decode,
+    base,
+    decode_steps,
     quiet,
 ) -> None:
     """Analyse a collection and write a self-contained HTML report to --out.
@@ -87,6 +101,7 @@ def analyze(
     Examples:
       wsa analyze ./loras --labels attributes.csv --out reports/identities
       wsa analyze ./space --analyzers pca,probes,manifold --config analysis.toml --out reports/x
+      wsa world unpack faces --out zoo && wsa analyze zoo --labels zoo/attributes.csv --decode --out reports/faces
     """
     from wsa.analyses.run import AnalyzeConfig, load_config, run_analysis
 
@@ -99,6 +114,9 @@ def analyze(
         "solver": solver,
         "device": device,
         "seed": seed,
+        "decode": decode,
+        "base": base,
+        "decode_steps": decode_steps,
         "analyzers": [a.strip() for a in analyzers.split(",") if a.strip()] if analyzers else None,
     }
     for key, value in overrides.items():

@@ -170,6 +170,8 @@ def write(adapter: Adapter, out: Path, *, metadata: Mapping[str, str] | None, dt
             else:
                 tensors.update(_lycoris_tensors(key, m, peft_type, dtype))
         config = lora_config(modules) if peft_type == "LORA" else _lycoris_config(modules, peft_type)
+        if metadata and "base" in metadata:  # what the adapter was trained on, where PEFT looks for it
+            config["base_model_name_or_path"] = str(metadata["base"])
         save_safetensors(folder / WEIGHTS, tensors, meta)
         save_json(folder / CONFIG, config)
     return out

@@ -43,12 +43,18 @@ def load_adapter(path: str | Path, *, base_shapes: BaseShapes | None = None) -> 
     Parameters
     ----------
     path : a PEFT folder (or pipeline folder of PEFT components), a diffusers
-        ``pytorch_lora_weights.safetensors``, a kohya/A1111 or LyCORIS ``.safetensors``;
+        ``pytorch_lora_weights.safetensors`` (or the folder holding it), a kohya/A1111 or LyCORIS ``.safetensors``;
         ``.pt``/``.bin`` are read only with ``torch.load(weights_only=True)``.
     base_shapes : optional base weight shapes by canonical module name; only needed to give
         LoHa/LoKr conv deltas their exact kernel shape when it is not the SD convention.
     """
     path = Path(path)
+    if path.is_dir() and not (path / peft.CONFIG).is_file():
+        # A folder from diffusers' save_lora_weights holds one pytorch_lora_weights file.
+        for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"):
+            if (path / name).is_file():
+                path = path / name
+                break
     spec, file = detect(path)
     if spec.name == "peft" and path.is_file():
         path = path.parent

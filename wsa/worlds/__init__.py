@@ -56,6 +56,20 @@ def available_families(pattern: str = "*") -> list[str]:
     return FAMILIES.names(pattern)
 
 
+ASSETS = Path(__file__).parent / "assets"
+
+
+def builtin_base(family: str) -> Path:
+    """Folder of the base model shipped for ``family`` (``wsa/worlds/assets/<family>/base``)."""
+    from wsa.errors import ConfigError
+
+    folder = ASSETS / family / "base"
+    if not (folder / "model.json").is_file():
+        shipped = sorted(p.parent.name for p in ASSETS.glob("*/base/model.json"))
+        raise ConfigError(f"no shipped base model for family {family!r}; shipped: {shipped}; pass --base FOLDER")
+    return folder
+
+
 def tile_images(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
     """Images (B, 3, H, W) in [0, 1] as one grid picture, row-major, no gaps.
 
@@ -85,12 +99,14 @@ def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None
 from wsa.worlds import dogs, faces  # noqa: E402  (built-in families register themselves)
 
 __all__ = [
+    "ASSETS",
     "FAMILIES",
     "IDENTITY_TOKEN",
     "AttributeSpec",
     "Family",
     "NuisanceSpec",
     "available_families",
+    "builtin_base",
     "dogs",
     "faces",
     "get_family",

@@ -245,6 +245,8 @@ class BaseModel(nn.Module):
         guidance: float = 3.0,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
+        lora: Any = None,
+        assignment: Sequence[int] | None = None,
     ) -> Tensor:
         """Images for ``prompts`` by DDIM (eta 0) with classifier-free guidance.
 
@@ -257,6 +259,9 @@ class BaseModel(nn.Module):
         guidance : float, default=3.0
             1.0 turns guidance off (one UNet pass per step).
         device, dtype : where to run; default the model's current device, float32.
+        lora : :class:`wsa.decoding.BatchedLoRA` on this model's UNet, or None (the base model).
+        assignment : adapter index of each image (``-1``: none); required with ``lora``. The adapter
+            applies to the unconditional pass too, as a loaded LoRA does in a pipeline.
 
         Returns
         -------
@@ -277,12 +282,19 @@ class BaseModel(nn.Module):
                 cond = torch.cat([self.encode_prompts([""] * len(prompts)), cond])
             scheduler = DDIMScheduler.from_config(self.config.sample_scheduler_config())
             scheduler.set_timesteps(steps, device=device)
-            for t in scheduler.timesteps:
-                eps = self.unet(torch.cat([x, x]) if guided else x, t, cond).sample
-                if guided:
-                    uncond, conditional = eps.chunk(2)
-                    eps = uncond + guidance * (conditional - uncond)
-                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+            active: Any = _no_adapters()
+            if lora is not None:
+                if assignment is None or len(assignment) != len(prompts):
+                    raise ConfigError("with lora=, give assignment= with one adapter index per prompt")
+                index = torch.as_tensor(list(assignment), dtype=torch.long)
+                active = lora.to(device).active(torch.cat([index, index]) if guided else index)
+            with active:
+                for t in scheduler.timesteps:
+                    eps = self.unet(torch.cat([x, x]) if guided else x, t, cond).sample
+                    if guided:
+                        uncond, conditional = eps.chunk(2)
+                        eps = uncond + guidance * (conditional - uncond)
+                    x = scheduler.step(eps, t, x, eta=0.0).prev_sample
         finally:
             self.to(device=was[0], dtype=was[1]).train(was[2])
         return ((x.float().cpu() + 1) / 2).clamp(0, 1)
@@ -408,6 +420,14 @@ class BaseModel(nn.Module):
             if missing or extra:
                 raise StoreError(f"{prefix} tensors do not fit: missing {missing[:3]}, extra {extra[:3]}", source)
             module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+class _no_adapters:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def initial_noise(seeds: Sequence[int], image_size: int) -> Tensor:

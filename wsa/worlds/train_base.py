@@ -386,7 +386,7 @@ def _flags(cfg: TrainConfig, family: str, out: Path) -> list[str]:
     return flags
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m wsa.worlds.train_base", description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True)
     parser.add_argument("--out", required=True)
@@ -403,7 +403,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from wsa.worlds import get_family
 
-    args = vars(_parser().parse_args(argv))
+    args = vars(parser().parse_args(argv))
     family = get_family(args.pop("family"))
     out = args.pop("out")
     t0 = time.time()

@@ -1,0 +1,205 @@
+"""Weight vectors → images: the one component every gallery, edit, sample and check goes through.
+
+A :class:`Decoder` holds a base model and the store's layout. :meth:`Decoder.images` takes a batch of
+weight vectors (rows in the store's representation: a collection member, a PCA sample, an edit, an
+interpolation point), a prompt and a seed per image, and which vector each image uses; all adapters of
+the batch ride on one copy of the base model (:class:`~wsa.decoding.BatchedLoRA`), so a 4×4 grid of
+16 different models is one batched sampling pass. Deterministic per seed (each image's starting noise
+comes from its own CPU generator), CUDA when present.
+
+Bases: the embedded world's models (``builtin:faces``, or a folder with ``model.json``). Which base a
+collection was trained on is read from the zoo (``zoo.json``) or the adapters' ``adapter_config.json``
+(``base_model_name_or_path``) unless given.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsa.decoding.batched_lora import BatchedLoRA
+from wsa.decoding.stacks import stacks_from_adapters
+from wsa.errors import ConfigError
+from wsa.store.layout import Layout
+from wsa.store.representations import decode
+
+
+@dataclass
+class Decoder:
+    """Decode weight vectors of one layout on one base model.
+
+    Attributes
+    ----------
+    model : the base (a :class:`wsa.worlds.model.BaseModel`).
+    layout : the store's layout (how a row maps to modules and factors).
+    base_ref : where the base came from (``builtin:faces`` or a folder), echoed into outputs.
+    prompt : the default prompt (the collection's identity prompt, e.g. ``"a sks face, neutral, on blue"``).
+    family : the concept family name when the base belongs to an embedded world (enables the oracle).
+    device, steps, guidance, batch_size : sampling settings.
+    """
+
+    model: Any
+    layout: Layout
+    base_ref: str
+    prompt: str
+    family: str | None = None
+    device: str = "cpu"
+    steps: int = 25
+    guidance: float = 3.0
+    batch_size: int = 64
+
+    def images(
+        self,
+        rows: np.ndarray,
+        assignment: Sequence[int],
+        seeds: Sequence[int],
+        prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1]: image ``b`` from ``rows[assignment[b]]`` (``-1``: the base alone)."""
+        rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
+        if rows.shape[1] != self.layout.n_features:
+            raise ConfigError(f"rows have {rows.shape[1]} features; the layout has {self.layout.n_features}")
+        if len(assignment) != len(seeds):
+            raise ConfigError(f"{len(assignment)} assignments but {len(seeds)} seeds")
+        prompts = list(prompts) if prompts is not None else [self.prompt] * len(seeds)
+        adapters = [decode(row, self.layout) for row in rows]
+        lora = BatchedLoRA(self.model.unet, stacks_from_adapters(adapters)).to(self.device)
+        out = []
+        for s in range(0, len(seeds), self.batch_size):
+            part = slice(s, s + self.batch_size)
+            out.append(
+                self.model.sample(
+                    prompts[part],
+                    list(seeds[part]),
+                    steps=self.steps,
+                    guidance=self.guidance,
+                    device=self.device,
+                    lora=lora,
+                    assignment=list(assignment[part]),
+                )
+            )
+        return torch.cat(out) if out else torch.zeros(0, 3, 1, 1)
+
+    def grid(self, rows: np.ndarray, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """Every row under every seed: images ordered row-major (row i, seed j) → i·len(seeds) + j."""
+        n, s = len(rows), len(seeds)
+        assignment = np.repeat(np.arange(n), s).tolist()
+        seed_list = [int(x) for x in np.tile(np.asarray(seeds), n)]
+        prompt_list = None if prompts is None else [p for _ in range(n) for p in prompts]
+        return self.images(rows, assignment, seed_list, prompt_list)
+
+    def oracle(self) -> Any:
+        """The family's shipped attribute oracle, or ``None`` when the base is not an embedded world's."""
+        if self.family is None:
+            return None
+        from wsa.worlds.oracle import builtin_oracle
+
+        try:
+            return builtin_oracle(self.family)
+        except ConfigError:
+            return None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "base": self.base_ref,
+            "prompt": self.prompt,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "device": self.device,
+        }
+
+
+def resolve_base(reference: str | Path) -> tuple[Any, str]:
+    """A base model from ``builtin:<family>`` or a folder holding ``model.json``; returns (model, reference)."""
+    from wsa.worlds import builtin_base
+    from wsa.worlds.model import BaseModel
+
+    text = str(reference)
+    if text.startswith("builtin:"):
+        return BaseModel.load(builtin_base(text.split(":", 1)[1])), text
+    folder = Path(text)
+    if (folder / "model.json").is_file():
+        return BaseModel.load(folder), text
+    raise ConfigError(
+        f"cannot decode on base {text!r}: give builtin:<family> (builtin:faces, builtin:dogs) or a folder with "
+        "model.json (from `wsa world train-base`)"
+    )
+
+
+def find_base(store: Any) -> str | None:
+    """The base a store's adapters were trained on, from ``zoo.json`` or ``adapter_config.json``; else None."""
+    candidates: list[Path] = []
+    for entry in store.manifest.get("inputs", []) or []:
+        candidates.append(Path(entry) / "zoo.json")
+    rows = store.rows
+    if rows:
+        source = Path(rows[0].get("source", ""))
+        candidates += [
+            source.parent / "zoo.json",
+            source / "adapter_config.json",
+            source / "unet" / "adapter_config.json",
+        ]
+    for path in candidates:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if path.name == "zoo.json" and isinstance(record.get("base"), dict):
+            return str(record["base"].get("path"))
+        ref = record.get("base_model_name_or_path")
+        if isinstance(ref, str) and (ref.startswith("builtin:") or (Path(ref) / "model.json").is_file()):
+            return ref
+    return None
+
+
+def _zoo_prompt(store: Any) -> str | None:
+    rows = store.rows
+    paths = [Path(e) / "zoo.json" for e in store.manifest.get("inputs", []) or []]
+    if rows:
+        paths.append(Path(rows[0].get("source", "")).parent / "zoo.json")
+    for path in paths:
+        try:
+            prompt = json.loads(path.read_text()).get("prompt")
+        except (OSError, ValueError):
+            continue
+        if isinstance(prompt, str):
+            return prompt
+    return None
+
+
+def decoder_for_store(
+    store: Any,
+    base: str | None = None,
+    device: str = "auto",
+    prompt: str | None = None,
+    steps: int = 25,
+) -> Decoder:
+    """A :class:`Decoder` for ``store``: base from ``base`` or :func:`find_base`, prompt from the zoo."""
+    from wsa.worlds import get_family
+    from wsa.worlds.family import IDENTITY_TOKEN
+
+    reference = base or find_base(store)
+    if reference is None:
+        raise ConfigError(
+            "cannot tell which base model these adapters were trained on (no zoo.json, no "
+            "base_model_name_or_path naming one); pass --base builtin:<family> or a base folder"
+        )
+    model, ref = resolve_base(reference)
+    family = getattr(model, "family", None)
+    if prompt is None:
+        prompt = _zoo_prompt(store)
+    if prompt is None and family is not None:
+        fam = get_family(family)
+        prompt = fam.prompt(fam.neutral_nuisance().iloc[0], token=IDENTITY_TOKEN)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.tokenizer(["" if prompt is None else prompt])  # unknown words fail here, not mid-analysis
+    return Decoder(
+        model=model, layout=store.layout, base_ref=ref, prompt=prompt or "", family=family, device=device, steps=steps
+    )
