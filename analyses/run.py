@@ -158,6 +158,7 @@ def run_analysis(
         progress=progress,
     )
     space.save(out / "space")
+    _record_decoding(out / "space", store, config)
     timings["space"] = time.perf_counter() - t0
     labels = load_labels(config.labels, list(space.ids)) if config.labels else None
     decoder = None
@@ -209,6 +210,14 @@ def run_analysis(
             "extra_ids": len(labels.attrs.get("extra_ids", [])),
         }
     return write_report(results, run_info, out)
+
+
+def _record_decoding(folder: Path, store: Store, config: AnalyzeConfig) -> None:
+    """``space/decoding.json``: what ``wsa sample/edit/invert/...`` need to turn points into models."""
+    from wsa.decoding.decoder import find_base, zoo_prompt
+    from wsa.workspace import write_decoding_info
+
+    write_decoding_info(folder, store, config.base or find_base(store), zoo_prompt(store))
 
 
 def _headline(store, space, results: Mapping[str, Result], warnings: list[str], labels) -> dict[str, Any]:

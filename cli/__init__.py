@@ -63,10 +63,12 @@ def main(ctx: click.Context, debug: bool) -> None:
       wsa ingest ./loras --out ./space     # folder of adapters -> on-disk matrix
       wsa info ./space                     # what was read
       wsa info ./loras                     # groups and problems before ingesting
+      wsa analyze ./loras --labels a.csv --out rep      # HTML report + fitted space
+      wsa sample rep --n 16 --out s / wsa edit rep --model ID --attr beard --out e
     """
     ctx.obj = {"debug": debug}
 
 
-from wsa.cli import analyze, export, info, ingest, synth, world  # noqa: E402  (commands register themselves)
+from wsa.cli import analyze, apply, export, info, ingest, synth, world  # noqa: E402  (commands register themselves)
 
-__all__ = ["analyze", "export", "info", "ingest", "main", "synth", "world"]
+__all__ = ["analyze", "apply", "export", "info", "ingest", "main", "synth", "world"]

@@ -60,8 +60,13 @@ class Decoder:
         assignment: Sequence[int],
         seeds: Sequence[int],
         prompts: Sequence[str] | None = None,
+        inject_after: int = 0,
+        assignment_before: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1]: image ``b`` from ``rows[assignment[b]]`` (``-1``: the base alone)."""
+        """Images (B, 3, H, W) in [0, 1]: image ``b`` from ``rows[assignment[b]]`` (``-1``: the base alone).
+
+        ``inject_after`` / ``assignment_before``: w2w's delayed injection (see ``BaseModel.sample``).
+        """
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
         if rows.shape[1] != self.layout.n_features:
             raise ConfigError(f"rows have {rows.shape[1]} features; the layout has {self.layout.n_features}")
@@ -82,6 +87,8 @@ class Decoder:
                     device=self.device,
                     lora=lora,
                     assignment=list(assignment[part]),
+                    inject_after=inject_after,
+                    assignment_before=None if assignment_before is None else list(assignment_before[part]),
                 )
             )
         return torch.cat(out) if out else torch.zeros(0, 3, 1, 1)
@@ -158,7 +165,7 @@ def find_base(store: Any) -> str | None:
     return None
 
 
-def _zoo_prompt(store: Any) -> str | None:
+def zoo_prompt(store: Any) -> str | None:
     rows = store.rows
     paths = [Path(e) / "zoo.json" for e in store.manifest.get("inputs", []) or []]
     if rows:
@@ -193,7 +200,7 @@ def decoder_for_store(
     model, ref = resolve_base(reference)
     family = getattr(model, "family", None)
     if prompt is None:
-        prompt = _zoo_prompt(store)
+        prompt = zoo_prompt(store)
     if prompt is None and family is not None:
         fam = get_family(family)
         prompt = fam.prompt(fam.neutral_nuisance().iloc[0], token=IDENTITY_TOKEN)

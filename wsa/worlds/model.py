@@ -247,6 +247,8 @@ class BaseModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         lora: Any = None,
         assignment: Sequence[int] | None = None,
+        inject_after: int = 0,
+        assignment_before: Sequence[int] | None = None,
     ) -> Tensor:
         """Images for ``prompts`` by DDIM (eta 0) with classifier-free guidance.
 
@@ -262,6 +264,9 @@ class BaseModel(nn.Module):
         lora : :class:`wsa.decoding.BatchedLoRA` on this model's UNet, or None (the base model).
         assignment : adapter index of each image (``-1``: none); required with ``lora``. The adapter
             applies to the unconditional pass too, as a loaded LoRA does in a pipeline.
+        inject_after, assignment_before : w2w's delayed injection — the first ``inject_after`` DDIM
+            steps use ``assignment_before`` (e.g. the unedited model; default: no adapter), the rest
+            ``assignment``, so coarse layout comes from the original and details from the edit.
 
         Returns
         -------
@@ -282,19 +287,27 @@ class BaseModel(nn.Module):
                 cond = torch.cat([self.encode_prompts([""] * len(prompts)), cond])
             scheduler = DDIMScheduler.from_config(self.config.sample_scheduler_config())
             scheduler.set_timesteps(steps, device=device)
-            active: Any = _no_adapters()
+            late: Any = _no_adapters
+            early: Any = _no_adapters
             if lora is not None:
                 if assignment is None or len(assignment) != len(prompts):
                     raise ConfigError("with lora=, give assignment= with one adapter index per prompt")
-                index = torch.as_tensor(list(assignment), dtype=torch.long)
-                active = lora.to(device).active(torch.cat([index, index]) if guided else index)
-            with active:
-                for t in scheduler.timesteps:
+                lora = lora.to(device)
+
+                def contexts(indices: Sequence[int]) -> Any:
+                    index = torch.as_tensor(list(indices), dtype=torch.long)
+                    return lambda: lora.active(torch.cat([index, index]) if guided else index)
+
+                late = contexts(assignment)
+                before = assignment_before if assignment_before is not None else [-1] * len(prompts)
+                early = contexts(before)
+            for i, t in enumerate(scheduler.timesteps):
+                with early() if i < inject_after else late():
                     eps = self.unet(torch.cat([x, x]) if guided else x, t, cond).sample
-                    if guided:
-                        uncond, conditional = eps.chunk(2)
-                        eps = uncond + guidance * (conditional - uncond)
-                    x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+                if guided:
+                    uncond, conditional = eps.chunk(2)
+                    eps = uncond + guidance * (conditional - uncond)
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
         finally:
             self.to(device=was[0], dtype=was[1]).train(was[2])
         return ((x.float().cpu() + 1) / 2).clamp(0, 1)

@@ -1,0 +1,235 @@
+"""Inversion: one image → a point of the space (a model of that identity), by the diffusion loss.
+
+w2w (arXiv 2406.09413 §3.3) optimises the first k PC coefficients of a LoRA so that the base model with
+that LoRA denoises noisy copies of the single image well, under the identity prompt; staying inside the
+space is what keeps the result a valid identity model even for out-of-domain images (a painting).
+Here the coefficients are optimised *whitened* (``z = u · σ_pc``, σ_pc the collection's standard
+deviation per PC), so one learning rate suits every component, and an optional Gaussian prior
+``prior_weight · mean(u²)`` keeps the point near the collection. A mask restricts the loss to pixels.
+
+The comparison the paper makes — fine-tuning a LoRA directly on the one image — is
+:func:`finetune_on_image` (same base, targets, rank and prompt as the zoo).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsa.decoding.batched_lora import BatchedLoRA, DenseStack, LowRankStack
+from wsa.errors import ConfigError
+from wsa.store.layout import Layout
+
+
+@dataclass
+class InversionResult:
+    row: np.ndarray  # the model in the store's representation
+    coefficients: np.ndarray  # (k,) PC coefficients
+    losses: list[float]
+    seconds: float
+
+
+def load_image(path: str, size: int, mask: bool = False) -> Tensor:
+    """An image file as (3, size, size) in [0, 1] (mask: (1, size, size), white = used), area-resized."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if mask else "RGB")
+            array = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as exc:
+        raise ConfigError(f"{path}: cannot read image ({exc})") from None
+    tensor = torch.from_numpy(array)
+    tensor = tensor[None] if mask else tensor.permute(2, 0, 1)
+    return F.interpolate(tensor[None], size=(size, size), mode="area")[0].clamp(0, 1)
+
+
+def row_stacks(rows: Tensor, layout: Layout) -> dict[str, Any]:
+    """Differentiable stacks from rows (M, D): LoRA parts stay factored, full ΔW dense."""
+    rows = rows if rows.ndim == 2 else rows[None]
+    m = rows.shape[0]
+    stacks: dict[str, Any] = {}
+    for ml in layout.modules:
+        parts = {p.name: rows[:, p.offset : p.offset + p.size].reshape(m, *p.shape) for p in ml.parts}
+        if ml.kind == "lora" and set(parts) <= {"down", "up"} and len(ml.shape) == 2:
+            scale = torch.full((m,), ml.scale, device=rows.device)
+            stacks[ml.name] = LowRankStack(parts["down"], parts["up"], scale)
+        elif ml.kind == "full" and set(parts) <= {"diff"} and len(ml.shape) == 2:
+            stacks[ml.name] = DenseStack(parts["diff"])
+        else:
+            raise ConfigError(
+                f"module {ml.name!r} ({ml.kind} with parts {sorted(parts)}) cannot be optimised; inversion supports "
+                "plain LoRA (raw, canonical) and dense ΔW (delta) layouts of linear layers"
+            )
+    return stacks
+
+
+def _diffusion_loss(model, stacks, images, masks, context, batch, generator, alphas) -> Tensor:
+    """Sum over the M images of each one's mean noise-prediction error (``batch`` noise draws each)."""
+    device = images.device
+    m = images.shape[0]
+    x0 = images.repeat_interleave(batch, 0)
+    t = torch.randint(0, alphas.shape[0], (m * batch,), device=device, generator=generator)
+    noise = torch.randn(x0.shape, device=device, generator=generator)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    assignment = torch.arange(m, device=device).repeat_interleave(batch)
+    with BatchedLoRA(model.unet, stacks).active(assignment):
+        predicted = model.unet(noisy, t, context.expand(m * batch, -1, -1)).sample
+    error = (predicted.float() - noise).pow(2)
+    if masks is not None:
+        w = masks.repeat_interleave(batch, 0)
+        per = (error * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * error.shape[1]).clamp(min=1.0)
+    else:
+        per = error.mean(dim=(1, 2, 3))
+    return per.view(m, batch).mean(1).sum()
+
+
+def invert(
+    ws: Any,
+    decoder: Any,
+    image: Tensor,
+    *,
+    mask: Tensor | None = None,
+    k: int | None = None,
+    steps: int = 400,
+    lr: float = 0.05,
+    batch: int = 8,
+    prior_weight: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> InversionResult:
+    """Optimise ``k`` PC coefficients of ``ws`` so the base denoises ``image`` (3, S, S) in [0, 1].
+
+    ``image`` may also be a batch (M, 3, S, S) (with ``mask`` (M, 1, S, S)): M independent inversions
+    in one pass (each image's loss only reaches its own coefficients); ``row``/``coefficients`` are then
+    (M, D) / (M, k) and ``losses`` the mean over images.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from wsa.worlds.zoo import _alphas_cumprod
+
+    single = image.ndim == 3
+    images = image[None] if single else image
+    masks = None if mask is None else (mask[None] if single else mask)
+    model = decoder.model
+    device = torch.device(decoder.device)
+    space = ws.space
+    k = space.n_components if k is None else int(k)
+    if not 1 <= k <= space.n_components:
+        raise ConfigError(f"k must be in [1, {space.n_components}] (the space's components); got {k}")
+    if steps < 1 or batch < 1 or lr <= 0 or prior_weight < 0:
+        raise ConfigError("steps and batch must be >= 1, lr > 0 and prior_weight >= 0")
+    started = time.time()
+    model = model.to(device).eval().requires_grad_(False)
+    components = torch.as_tensor(np.array(space.components[:k], dtype=np.float32), device=device)
+    mean = torch.as_tensor(np.array(space.mean, dtype=np.float32), device=device)
+    scale = (
+        torch.ones_like(mean)
+        if space.scale is None
+        else torch.as_tensor(np.array(space.scale, dtype=np.float32), device=device)
+    )
+    sigma = torch.as_tensor(np.sqrt(np.maximum(np.asarray(space.explained_variance[:k]), 1e-12)), device=device).float()
+    start = np.asarray(space.coefficients[:, :k], dtype=np.float32).mean(0)  # the collection's mean model
+    u = torch.nn.Parameter((torch.as_tensor(start, device=device) / sigma).repeat(images.shape[0], 1))
+    optimizer = torch.optim.Adam([u], lr=lr)
+    target = images.to(device).float() * 2 - 1
+    mask_t = None if masks is None else masks.to(device).float()
+    with torch.no_grad():
+        context = model.encode_prompts([decoder.prompt]).detach()
+    alphas = _alphas_cumprod(model).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="invert", disable=None if progress else True, file=sys.stderr)
+    for _ in bar:
+        rows = mean + scale * ((u * sigma) @ components)
+        loss = _diffusion_loss(model, row_stacks(rows, ws.layout), target, mask_t, context, batch, generator, alphas)
+        total = loss + prior_weight * u.pow(2).mean(1).sum()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()) / images.shape[0])
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    with torch.no_grad():
+        z = (u * sigma).detach()
+        rows = (mean + scale * (z @ components)).cpu().numpy()
+    coefficients = z.cpu().numpy()
+    if single:
+        rows, coefficients = rows[0], coefficients[0]
+    return InversionResult(row=rows, coefficients=coefficients, losses=losses, seconds=time.time() - started)
+
+
+def finetune_on_image(
+    decoder: Any,
+    image: Tensor,
+    layout: Layout,
+    *,
+    mask: Tensor | None = None,
+    steps: int = 400,
+    lr: float = 1e-2,
+    batch: int = 8,
+    init_seed: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """The paper's baseline: a LoRA of the space's layout fine-tuned directly on the one image.
+
+    Same targets and rank as the layout's LoRA modules, PEFT initialisation from ``init_seed`` (as the
+    zoo); returns the result as a row of the layout (raw representation). A batch of images (M, 3, S, S)
+    gives M independent LoRAs (rows (M, D)).
+    """
+    from tqdm.auto import tqdm
+
+    from wsa.worlds.zoo import _alphas_cumprod
+
+    if layout.repr != "raw" or any(
+        m.kind != "lora" or {p.name for p in m.parts} != {"down", "up"} for m in layout.modules
+    ):
+        raise ConfigError("direct fine-tuning writes raw LoRA rows; this space's layout is not a raw LoRA layout")
+    single = image.ndim == 3
+    images = image[None] if single else image
+    masks = None if mask is None else (mask[None] if single else mask)
+    m = images.shape[0]
+    model = decoder.model
+    device = torch.device(decoder.device)
+    model = model.to(device).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(init_seed)
+    params: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+    for ml in layout.modules:
+        out_f, in_f = ml.shape[:2]
+        bound = 1.0 / np.sqrt(in_f)
+        down = ((torch.rand(ml.rank, in_f, generator=g) * 2 - 1) * bound).expand(m, -1, -1).clone()
+        params[ml.name] = (
+            torch.nn.Parameter(down.to(device)),
+            torch.nn.Parameter(torch.zeros(m, out_f, ml.rank, device=device)),
+        )
+    optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr, betas=(0.9, 0.99))
+    target = images.to(device).float() * 2 - 1
+    mask_t = None if masks is None else masks.to(device).float()
+    with torch.no_grad():
+        context = model.encode_prompts([decoder.prompt]).detach()
+    alphas = _alphas_cumprod(model).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    scale = {ml.name: torch.full((m,), ml.scale, device=device) for ml in layout.modules}
+    for _ in tqdm(range(steps), desc="fine-tune", disable=None if progress else True, file=sys.stderr):
+        stacks = {n: LowRankStack(params[n][0], params[n][1], scale[n]) for n in params}
+        loss = _diffusion_loss(model, stacks, target, mask_t, context, batch, generator, alphas)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    rows = np.zeros((m, layout.n_features), dtype=np.float32)
+    for ml in layout.modules:
+        down, up = params[ml.name]
+        for part in ml.parts:
+            value = down if part.name == "down" else up
+            rows[:, part.offset : part.offset + part.size] = value.detach().float().cpu().numpy().reshape(m, -1)
+    return rows[0] if single else rows

@@ -1,0 +1,159 @@
+"""A fitted space as the applications use it: PCA + layout + directions + where the rows and the base are.
+
+``wsa analyze`` writes ``OUT/space/`` (``space.safetensors``/``.json``, ``directions.*`` from the probes,
+and ``decoding.json``: the store's path and layout, the base model and the identity prompt). The
+commands ``wsa sample / edit / invert / interpolate / decode`` open that folder (or the report folder
+above it) as a :class:`Workspace`, so they need nothing else on the command line.
+
+Why keep the store's path: an edit of a collection member starts from the member's *exact* row (its
+part off the k-dimensional space included), so strength 0 gives back the original adapter; without
+the store (moved, deleted) the member is rebuilt from its k coefficients, and that is said.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsa.atomic import write_json
+from wsa.errors import ConfigError, StoreError
+from wsa.space import Space
+from wsa.store.layout import Layout
+
+DECODING_JSON = "decoding.json"
+
+
+def write_decoding_info(folder: str | Path, store: Any, base: str | None, prompt: str | None) -> Path:
+    """Record what the applications need beside a saved space (called by ``wsa analyze``)."""
+    return write_json(
+        Path(folder) / DECODING_JSON,
+        {
+            "store": str(Path(store.path).resolve()),
+            "repr": store.repr,
+            "layout": store.layout.to_json(),
+            "base": base,
+            "prompt": prompt,
+        },
+    )
+
+
+@dataclass
+class Workspace:
+    """A saved space and everything needed to turn its points into adapters and images."""
+
+    folder: Path
+    space: Space
+    layout: Layout
+    info: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Workspace:
+        """``path``: a space folder (``space.json``) or a report folder holding ``space/``."""
+        path = Path(path)
+        folder = path / "space" if (path / "space" / "space.json").is_file() else path
+        if not (folder / "space.json").is_file():
+            raise StoreError("not a fitted space (no space.json here or in space/); run `wsa analyze` first", path)
+        if not (folder / DECODING_JSON).is_file():
+            raise StoreError(
+                f"space has no {DECODING_JSON} (written by `wsa analyze` since wsa 0.2); re-run wsa analyze", folder
+            )
+        info = json.loads((folder / DECODING_JSON).read_text())
+        return cls(folder, Space.load(folder), Layout.from_json(info["layout"]), info)
+
+    # ---------------------------------------------------------------------------------------------
+    @cached_property
+    def store(self) -> Any | None:
+        """The store the space was fitted on, or None (moved or deleted; members are then rebuilt)."""
+        from wsa.store import open_store
+
+        # The recorded path, else the report's own store/ beside space/ (a report folder moved as a whole).
+        for candidate in (Path(self.info["store"]), self.folder.parent / "store"):
+            try:
+                store = open_store(candidate)
+            except Exception:
+                continue
+            if store.n_features == self.layout.n_features:
+                return store
+        return None
+
+    @cached_property
+    def directions(self) -> dict[str, Any] | None:
+        """``{"meta": directions.json, "pc": {name: (k,) unit vector}}`` or None (no labels were probed)."""
+        from safetensors.numpy import load_file
+
+        meta_path, tensors_path = self.folder / "directions.json", self.folder / "directions.safetensors"
+        if not meta_path.is_file() or not tensors_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensors_path))
+        return {"meta": meta, "pc": {name: tensors[f"{name}/pc"] for name in meta["directions"]}}
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(i) for i in self.space.ids]
+
+    # ---------------------------------------------------------------------------------------------
+    def member_row(self, model: str) -> tuple[np.ndarray, str]:
+        """The row of ``model``: a member id, or a path to an adapter file/folder; returns (row, how)."""
+        if model in self.ids:
+            store = self.store
+            if store is not None and model in store.ids:
+                return store.read_rows([store.index(model)])[0], "store row"
+            self.notes.append(f"{model}: store {self.info['store']} not found; rebuilt from its k coefficients")
+            z = np.asarray(self.space.coefficients[self.ids.index(model)], dtype=np.float32)
+            return self.space.inverse_transform(z), "rebuilt from coefficients"
+        path = Path(model)
+        if path.exists():
+            from wsa import load_adapter
+            from wsa.store.representations import encode
+
+            try:
+                return encode(load_adapter(path), self.layout), "adapter file"
+            except Exception as exc:
+                raise ConfigError(f"{path}: cannot be placed in this space ({exc})") from None
+        close = [i for i in self.ids if model in i][:3]
+        hint = f"; similar ids: {close}" if close else ""
+        raise ConfigError(f"{model!r} is neither a member id of this space nor an adapter path{hint}")
+
+    def coefficients(self, rows: np.ndarray) -> np.ndarray:
+        return self.space.transform(np.atleast_2d(rows))
+
+    def step_rows(self, rows: np.ndarray, dz: np.ndarray) -> np.ndarray:
+        """Rows moved by PC-space steps ``dz`` (n, m): ``row + scale ⊙ (dz @ components[:m])``."""
+        dz = np.atleast_2d(np.asarray(dz, dtype=np.float32))
+        m = dz.shape[1]
+        delta = dz @ np.asarray(self.space.components[:m], dtype=np.float32)
+        if self.space.scale is not None:
+            delta = delta * np.asarray(self.space.scale, dtype=np.float32)
+        return np.atleast_2d(rows).astype(np.float32) + delta
+
+    def decoder(self, base: str | None = None, device: str = "auto", steps: int = 25, prompt: str | None = None):
+        """A :class:`~wsa.decoding.decoder.Decoder` on the base recorded for this space (or ``base``)."""
+        from wsa.decoding.decoder import Decoder, resolve_base
+
+        reference = base or self.info.get("base")
+        if reference is None:
+            raise ConfigError("this space records no base model; pass --base builtin:<family> or a base folder")
+        model, ref = resolve_base(reference)
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        prompt = prompt or self.info.get("prompt") or ""
+        model.tokenizer([prompt])
+        return Decoder(
+            model=model,
+            layout=self.layout,
+            base_ref=ref,
+            prompt=prompt,
+            family=getattr(model, "family", None),
+            device=device,
+            steps=steps,
+        )
+
