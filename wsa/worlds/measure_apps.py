@@ -8,7 +8,6 @@ persistence, inversion (in and out of family, against direct fine-tuning) and sa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -58,7 +57,8 @@ def edits(ws, decoder, oracle, labels: pd.DataFrame, strengths, n_ids: int, seed
                     after = reads[name].to_numpy().reshape(len(rows), len(seeds))
                     if kind == "categorical":
                         changed = np.mean(
-                            _majority(after[sel].reshape(-1), len(seeds)) != _majority(after[base].reshape(-1), len(seeds))
+                            _majority(after[sel].reshape(-1), len(seeds))
+                            != _majority(after[base].reshape(-1), len(seeds))
                         )
                         entry[name] = {"changed_fraction": float(changed)}
                     else:
@@ -79,13 +79,30 @@ def edits(ws, decoder, oracle, labels: pd.DataFrame, strengths, n_ids: int, seed
     return out
 
 
+def _gaussian_draw(z_all: np.ndarray, kind: str, n: int, temperature: float, seed: int) -> np.ndarray:
+    """w2w's per-PC Gaussian (diagonal) or the full-covariance one, numpy only (runs where sklearn is absent)."""
+    rng = np.random.default_rng(seed)
+    mean = z_all.mean(0)
+    if kind == "diagonal":
+        return mean + temperature * z_all.std(0, ddof=1) * rng.standard_normal((n, z_all.shape[1]))
+    values, vectors = np.linalg.eigh(np.cov(z_all, rowvar=False))
+    factor = vectors * np.sqrt(np.clip(values, 0, None))
+    return mean + temperature * rng.standard_normal((n, z_all.shape[1])) @ factor.T
+
+
+def _nearest(query: np.ndarray, train: np.ndarray, exclude_self: bool = False) -> np.ndarray:
+    q, t = torch.as_tensor(query, dtype=torch.float64), torch.as_tensor(train, dtype=torch.float64)
+    d = torch.cdist(q, t)
+    if exclude_self:
+        d.fill_diagonal_(float("inf"))
+    return d.min(1).values.numpy()
+
+
 def persistence(ws, decoder, oracle, n_models: int, seeds: int, kind: str = "diagonal") -> dict[str, Any]:
     """Consistency across seeds and prompts of sampled models' and members' oracle readings."""
-    from wsa.sampling import fit_gaussian
-
     family = oracle.family
     z_all = np.asarray(ws.space.coefficients, dtype=np.float64)
-    sampled = fit_gaussian(z_all, kind).sample(n_models, random_state=np.random.default_rng(0))
+    sampled = _gaussian_draw(z_all, kind, n_models, 1.0, 0)
     rows = {
         "sampled": ws.space.inverse_transform(sampled.astype(np.float32)),
         "members": np.vstack([ws.member_row(i)[0] for i in ws.ids[:n_models]]),
@@ -106,8 +123,12 @@ def persistence(ws, decoder, oracle, n_models: int, seeds: int, kind: str = "dia
                 values = reads[spec.name].astype(str).to_numpy().reshape(n_models, seeds)
                 share = [pd.Series(v).value_counts().iloc[0] / seeds for v in values]
                 cons[spec.name] = {"agreement": float(np.mean(share))}
-        out[name] = {"models": n_models, "seeds": seeds, "confidence": float(oracle.confidence(images).mean()),
-                     "per_attribute": cons}
+        out[name] = {
+            "models": n_models,
+            "seeds": seeds,
+            "confidence": float(oracle.confidence(images).mean()),
+            "per_attribute": cons,
+        }
     return out
 
 
@@ -172,23 +193,23 @@ def _summ(scores: dict) -> dict[str, float]:
 
 def sampling(ws, decoder, oracle, n: int) -> dict[str, Any]:
     """Novelty (nearest member in PC space vs members' own nearest-neighbour distances) and plausibility."""
-    from wsa.sampling import fit_gaussian, novelty, novelty_summary, train_nn_distances
-
     z_all = np.asarray(ws.space.coefficients, dtype=np.float64)
     out: dict[str, Any] = {}
     members = np.vstack([ws.member_row(i)[0] for i in ws.ids[:n]])
     member_images = decoder.images(members, list(range(n)), [0] * n)
     out["members_confidence"] = float(oracle.confidence(member_images).mean())
-    train_nn = train_nn_distances(z_all)
+    train_nn = _nearest(z_all, z_all, exclude_self=True)
+    out["members_nn_median"] = float(np.median(train_nn))
     for kind in ("diagonal", "full"):
         for temperature in (1.0, 0.7):
-            z = fit_gaussian(z_all, kind).sample(n, temperature=temperature, random_state=np.random.default_rng(1))
+            z = _gaussian_draw(z_all, kind, n, temperature, 1)
             rows = ws.space.inverse_transform(z.astype(np.float32))
             images = decoder.images(rows, list(range(n)), [0] * n)
-            summary = novelty_summary(novelty(z, z_all), train_nn)
+            d = _nearest(z, z_all)
             out[f"{kind}@{temperature}"] = {
                 "confidence": float(oracle.confidence(images).mean()),
-                **{k: float(v) for k, v in summary.items()},
+                "novelty_ratio": float(np.median(d) / np.median(train_nn)),
+                "memorised_fraction": float(np.mean(d < np.percentile(train_nn, 5))),
             }
     return out
 
@@ -218,13 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     oracle = builtin_oracle(decoder.family, args.device)
     labels = load_labels(args.labels, ws.ids)
     seeds = list(range(args.seeds))
-    record: dict[str, Any] = {"command": "python -m wsa.worlds.measure_apps " + " ".join(sys.argv[1:] if argv is None else argv),
-                              "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}
+    record: dict[str, Any] = {
+        "command": "python -m wsa.worlds.measure_apps " + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }
     only = args.only.split(",")
     timings = {}
     for name, fn in (
-        ("edits", lambda: edits(ws, decoder, oracle, labels, [float(s) for s in args.strengths.split(",")],
-                                args.edit_identities, seeds)),
+        (
+            "edits",
+            lambda: edits(
+                ws, decoder, oracle, labels, [float(s) for s in args.strengths.split(",")], args.edit_identities, seeds
+            ),
+        ),
         ("persistence", lambda: persistence(ws, decoder, oracle, args.persistence_models, 8)),
         ("inversion", lambda: inversion(ws, decoder, oracle, args.invert_identities, args.invert_steps, seeds)),
         ("sampling", lambda: sampling(ws, decoder, oracle, args.samples)),
