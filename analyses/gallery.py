@@ -42,6 +42,14 @@ class Gallery(Analyzer):
         Sampled models decoded (from the sampling analyzer's first sampler).
     n_paths : int, default=3
         Interpolation pairs decoded (from the interpolation analyzer), one seed per strip.
+    n_edit_attributes : int, default=4
+        Attributes whose edit strips are drawn (binary and continuous ones first, from the probes).
+    n_edit_members : int, default=2
+        Members each edit strip is drawn on.
+    edit_strengths : list of float, default=[-6, -3, 0, 3, 6]
+        Strengths (standard deviations of the attribute's score) of a strip. Wider than ±2σ because in
+        the embedded world discrete attributes flip for most identities only at +4σ to +6σ
+        (docs/applications.md).
     """
 
     name = "gallery"
@@ -53,15 +61,32 @@ class Gallery(Analyzer):
         "seeds": (_seeds_ok, "a non-empty list of non-negative ints"),
         "n_samples": (positive_int, "a positive int"),
         "n_paths": (positive_int, "a positive int"),
+        "n_edit_attributes": (lambda v: isinstance(v, int) and v >= 0, "an int >= 0"),
+        "n_edit_members": (positive_int, "a positive int"),
+        "edit_strengths": (
+            lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(x, (int, float)) for x in v),
+            "a non-empty list of numbers",
+        ),
     }
 
     def __init__(
-        self, *, n_members: int = 8, seeds: list[int] | None = None, n_samples: int = 16, n_paths: int = 3
+        self,
+        *,
+        n_members: int = 8,
+        seeds: list[int] | None = None,
+        n_samples: int = 16,
+        n_paths: int = 3,
+        n_edit_attributes: int = 4,
+        n_edit_members: int = 2,
+        edit_strengths: list[float] | None = None,
     ) -> None:
         self.n_members = n_members
         self.seeds = seeds if seeds is not None else [0, 1, 2, 3]
         self.n_samples = n_samples
         self.n_paths = n_paths
+        self.n_edit_attributes = n_edit_attributes
+        self.n_edit_members = n_edit_members
+        self.edit_strengths = edit_strengths if edit_strengths is not None else [-6.0, -3.0, 0.0, 3.0, 6.0]
 
     def fit(self, ctx: AnalysisContext) -> Gallery:
         self._validate_params()
@@ -108,7 +133,34 @@ class Gallery(Analyzer):
             flat = line.reshape(-1, line.shape[-1])
             images = decoder.images(flat, list(range(len(flat))), [seeds[0]] * len(flat))
             self.paths_ = (pairs, t, images)
+        self.edits_ = self._edits(ctx, decoder, ids, rows, seeds[0])
         return self
+
+    def _edits(self, ctx: AnalysisContext, decoder: Any, ids: list[str], rows: np.ndarray, seed: int) -> Any:
+        """Strips (members × strengths) per attribute along the probes' directions, one seed."""
+        probes = ctx.artifacts.get("probes")
+        if not probes or self.n_edit_attributes == 0:
+            return None
+        kinds = probes["kinds"]
+        names = [d for d in probes["directions_pc"] if kinds.get(probes["direction_attribute"][d]) != "categorical"]
+        names += [d for d in probes["directions_pc"] if d not in names]
+        names = names[: self.n_edit_attributes]
+        members = rows[: self.n_edit_members]
+        strengths = np.asarray(self.edit_strengths, dtype=np.float32)
+        space = ctx.space
+        strips, all_rows = [], []
+        for name in names:
+            vector = np.asarray(probes["directions_pc"][name], dtype=np.float32)
+            step = vector * float(probes["score_std"][name])
+            delta = (strengths[:, None] * step[None]) @ np.asarray(space.components[: len(vector)], dtype=np.float32)
+            if space.scale is not None:
+                delta = delta * np.asarray(space.scale, dtype=np.float32)
+            for i in range(len(members)):
+                strips.append((name, ids[i]))
+                all_rows.append(members[i][None] + delta)
+        flat = np.vstack(all_rows)
+        images = decoder.images(flat, list(range(len(flat))), [seed] * len(flat))
+        return strips, strengths.tolist(), images
 
     def result(self) -> Result:
         self._check_is_fitted()
@@ -166,6 +218,23 @@ class Gallery(Analyzer):
                 )
             )
             data["paths"] = [list(p) for p in pairs]
+        if getattr(self, "edits_", None) is not None:
+            strips, strengths, images = self.edits_
+            figures.append(
+                Figure.from_matplotlib(
+                    "edits",
+                    "Each row: one member edited along one attribute's direction (the probes' least-squares "
+                    "direction, as w2w) by the strengths on top, in standard deviations of the attribute's score "
+                    "across the collection; the middle column is the member itself. Look for the attribute "
+                    "alone changing, and the identity staying.",
+                    _tile_figure(
+                        tile_images(images, len(strengths)),
+                        [f"{name}: {member}" for name, member in strips],
+                        [f"{x:+g}σ" for x in strengths],
+                    ),
+                )
+            )
+            data["edits"] = {"strips": [list(s) for s in strips], "strengths": strengths}
         notes.append(
             f"Decoded on {self.decoder_['base']} with prompt {self.decoder_['prompt']!r}, "
             f"{self.decoder_['steps']} DDIM steps, guidance {self.decoder_['guidance']:g}, "

@@ -45,7 +45,13 @@ def common(f: Callable) -> Callable:
     """Options every application command shares."""
     options = [
         click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder to write into."),
-        click.option("--base", help="Base model: builtin:faces, builtin:dogs or a base folder [default: the space's]."),
+        click.option(
+            "--base",
+            help="Base model: builtin:faces, builtin:dogs, a world base folder, a diffusers Stable Diffusion folder, "
+            "or a .safetensors checkpoint [default: the space's].",
+        ),
+        click.option("--base-config", help="For a single-file checkpoint: a diffusers folder of the same model type."),
+        click.option("--prompt", help="Prompt of decoded images [default: the collection's identity prompt]."),
         click.option(
             "--format",
             "fmt",
@@ -100,7 +106,13 @@ class Job:
     @property
     def decoder(self) -> Any:
         if self._decoder is None:
-            self._decoder = self.ws.decoder(self.opts["base"], self.opts["device"], self.opts["sample_steps"])
+            self._decoder = self.ws.decoder(
+                self.opts["base"],
+                self.opts["device"],
+                self.opts["sample_steps"],
+                prompt=self.opts["prompt"],
+                base_config=self.opts["base_config"],
+            )
             self.record["decoder"] = self._decoder.describe()
         return self._decoder
 

@@ -272,7 +272,7 @@ def test_analyze_decode_gallery_on_an_unpacked_zoo(tmp_path):
     from wsa.cli import main
     from wsa.worlds.shipped import unpack_zoo
 
-    zoo_dir = unpack_zoo("faces", tmp_path / "zoo", n=12, progress=False)
+    zoo_dir = unpack_zoo("faces", tmp_path / "zoo", n=30, progress=False)
     out = tmp_path / "report"
     args = [
         "analyze",
@@ -282,7 +282,7 @@ def test_analyze_decode_gallery_on_an_unpacked_zoo(tmp_path):
         "--out",
         str(out),
         "--analyzers",
-        "pca,interpolation,sampling,gallery",
+        "pca,probes,interpolation,sampling,gallery",
         "--decode",
         "--decode-steps",
         "3",
@@ -292,7 +292,8 @@ def test_analyze_decode_gallery_on_an_unpacked_zoo(tmp_path):
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     gallery = next(r for r in results["results"] if r["analyzer"] == "gallery")
-    assert {f["name"] for f in gallery["figures"]} == {"members", "samples", "paths"}
+    assert {f["name"] for f in gallery["figures"]} == {"members", "samples", "paths", "edits"}
+    assert len(gallery["data"]["edits"]["strips"]) == 4 * 2  # 4 attributes × 2 members
     assert gallery["data"]["decoder"]["base"] == "builtin:faces"
     fidelity = {row["attribute"]: row for row in gallery["data"]["fidelity"]}
     assert set(fidelity) == {a.name for a in get_family("faces").attributes}

@@ -133,27 +133,35 @@ class Workspace:
             delta = delta * np.asarray(self.space.scale, dtype=np.float32)
         return np.atleast_2d(rows).astype(np.float32) + delta
 
-    def decoder(self, base: str | None = None, device: str = "auto", steps: int = 25, prompt: str | None = None):
+    def decoder(
+        self,
+        base: str | None = None,
+        device: str = "auto",
+        steps: int = 25,
+        prompt: str | None = None,
+        base_config: str | None = None,
+    ):
         """A :class:`~wsa.decoding.decoder.Decoder` on the base recorded for this space (or ``base``)."""
+        import torch
+
         from wsa.decoding.decoder import Decoder, resolve_base
 
         reference = base or self.info.get("base")
         if reference is None:
             raise ConfigError("this space records no base model; pass --base builtin:<family> or a base folder")
-        model, ref = resolve_base(reference)
-        import torch
-
+        model, ref = resolve_base(reference, base_config)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         prompt = prompt or self.info.get("prompt") or ""
         model.tokenizer([prompt])
+        family = getattr(model, "family", None)
         return Decoder(
             model=model,
             layout=self.layout,
             base_ref=ref,
             prompt=prompt,
-            family=getattr(model, "family", None),
+            family=family if isinstance(family, str) else None,
             device=device,
             steps=steps,
+            guidance=getattr(model, "default_guidance", 3.0),
         )
-

@@ -14,7 +14,7 @@ adapters at once with a summed loss is M independent trainings sharing the forwa
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -60,21 +60,24 @@ Stack = LowRankStack | DenseStack
 
 
 class BatchedLoRA:
-    """Per-sample adapters on named ``nn.Linear`` layers of ``model`` (hooks; the weights stay untouched).
+    """Per-sample adapters on named ``nn.Linear`` layers (forward hooks; the weights stay untouched).
 
     Parameters
     ----------
-    model : the module whose layers are adapted (e.g. a diffusers ``UNet2DConditionModel``).
-    stacks : layer path (as in ``model.named_modules()``) → :class:`LowRankStack` or
-        :class:`DenseStack`; every stack holds the same number M of adapters.
+    model : the module whose layers are adapted (e.g. a diffusers ``UNet2DConditionModel``), or a
+        mapping from layer name to layer (to adapt several models at once, e.g. a pipeline's UNet and
+        text encoder under wsa's canonical names).
+    stacks : layer path → :class:`LowRankStack` or :class:`DenseStack`; every stack holds the same
+        number M of adapters.
 
     Use ``with lora.active(assignment):`` around forward passes, where ``assignment`` (B,) gives the
-    adapter of each sample (``-1``: none, i.e. the base model). A layer called on a batch of another
-    size (e.g. classifier-free guidance doubling it) must be given the doubled assignment.
+    adapter of each sample (``-1``: none, i.e. the base model). A layer called on a batch that is a
+    multiple of B (classifier-free guidance concatenates [unconditional; conditional]) gets the
+    assignment tiled. :meth:`switch` changes the assignment mid-run (delayed injection).
     """
 
-    def __init__(self, model: nn.Module, stacks: Mapping[str, Stack]) -> None:
-        modules = dict(model.named_modules())
+    def __init__(self, model: nn.Module | Mapping[str, nn.Module], stacks: Mapping[str, Stack]) -> None:
+        modules = dict(model.named_modules()) if isinstance(model, nn.Module) else dict(model)
         missing = sorted(set(stacks) - set(modules))
         if missing:
             raise ConfigError(f"the model has no layer(s) {missing[:3]} ({len(missing)} missing)")
@@ -84,10 +87,11 @@ class BatchedLoRA:
         for name in stacks:
             if not isinstance(modules[name], nn.Linear):
                 raise ConfigError(f"layer {name!r} is a {type(modules[name]).__name__}, not nn.Linear")
-        self.model = model
         self.stacks = dict(stacks)
         self.n_adapters = sizes.pop() if sizes else 0
         self._modules = {name: modules[name] for name in stacks}
+        self._index: Tensor | None = None
+        self._cache: dict[tuple[torch.device, int], tuple[Tensor, Tensor, bool]] = {}
 
     def to(self, device: torch.device | str) -> BatchedLoRA:
         """Move every stack's tensors to ``device`` (in place; returns self)."""
@@ -98,33 +102,39 @@ class BatchedLoRA:
                 self.stacks[name] = DenseStack(stack.delta.to(device))
         return self
 
-    @contextmanager
-    def active(self, assignment: Tensor | list[int]) -> Iterator[None]:
+    def switch(self, assignment: Tensor | Sequence[int]) -> None:
+        """Use ``assignment`` from the next forward pass on (inside :meth:`active`)."""
         index = torch.as_tensor(assignment, dtype=torch.long)
         if index.ndim != 1:
             raise ConfigError("assignment must be one adapter index per sample")
         if len(index) and (int(index.max()) >= self.n_adapters or int(index.min()) < -1):
             raise ConfigError(f"assignment has indices outside [-1, {self.n_adapters - 1}]")
-        handles = []
-        cache: dict[torch.device, tuple[Tensor, Tensor, bool]] = {}
+        self._index = index
+        self._cache = {}
 
-        def prepared(device: torch.device) -> tuple[Tensor, Tensor, bool]:
-            if device not in cache:
-                on = index.to(device)
-                used = on >= 0
-                cache[device] = (on.clamp(min=0), used, bool(used.all()))
-            return cache[device]
+    def _prepared(self, device: torch.device, batch: int, name: str) -> tuple[Tensor, Tensor, bool]:
+        assert self._index is not None
+        key = (device, batch)
+        if key not in self._cache:
+            n = len(self._index)
+            if n == 0 or batch % n:
+                raise ConfigError(f"layer {name!r} got a batch of {batch} but the assignment has {n} entries")
+            index = self._index.to(device).repeat(batch // n)
+            used = index >= 0
+            self._cache[key] = (index.clamp(min=0), used, bool(used.all()))
+        return self._cache[key]
+
+    @contextmanager
+    def active(self, assignment: Tensor | Sequence[int]) -> Iterator[BatchedLoRA]:
+        self.switch(assignment)
+        handles = []
 
         def hook(name: str):
             stack = self.stacks[name]
 
             def add(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
                 x = inputs[0]
-                if x.shape[0] != len(index):
-                    raise ConfigError(
-                        f"layer {name!r} got a batch of {x.shape[0]} but the assignment has {len(index)} entries"
-                    )
-                idx, used, all_used = prepared(x.device)
+                idx, used, all_used = self._prepared(x.device, x.shape[0], name)
                 flat = x.reshape(x.shape[0], -1, x.shape[-1])
                 extra = stack.apply(flat, idx)
                 if not all_used:
@@ -136,10 +146,11 @@ class BatchedLoRA:
         try:
             for name, module in self._modules.items():
                 handles.append(module.register_forward_hook(hook(name)))
-            yield
+            yield self
         finally:
             for handle in handles:
                 handle.remove()
+            self._index, self._cache = None, {}
 
 
 def _size(stack: Stack) -> int:

@@ -74,7 +74,8 @@ class Decoder:
             raise ConfigError(f"{len(assignment)} assignments but {len(seeds)} seeds")
         prompts = list(prompts) if prompts is not None else [self.prompt] * len(seeds)
         adapters = [decode(row, self.layout) for row in rows]
-        lora = BatchedLoRA(self.model.unet, stacks_from_adapters(adapters)).to(self.device)
+        layers = self.model.adapter_layers() if hasattr(self.model, "adapter_layers") else self.model.unet
+        lora = BatchedLoRA(layers, stacks_from_adapters(adapters)).to(self.device)
         out = []
         for s in range(0, len(seeds), self.batch_size):
             part = slice(s, s + self.batch_size)
@@ -122,20 +123,30 @@ class Decoder:
         }
 
 
-def resolve_base(reference: str | Path) -> tuple[Any, str]:
-    """A base model from ``builtin:<family>`` or a folder holding ``model.json``; returns (model, reference)."""
+def resolve_base(reference: str | Path, config: str | Path | None = None) -> tuple[Any, str]:
+    """A base model; returns (model, reference).
+
+    ``builtin:<family>`` or a folder holding ``model.json``: an embedded world's base. A diffusers
+    Stable Diffusion folder (``model_index.json``), or a single ``.safetensors``/``.ckpt`` checkpoint
+    with ``config`` (a diffusers folder of the same model type): a user's own SD 1.x/2.x/XL base.
+    """
     from wsa.worlds import builtin_base
     from wsa.worlds.model import BaseModel
 
     text = str(reference)
     if text.startswith("builtin:"):
         return BaseModel.load(builtin_base(text.split(":", 1)[1])), text
-    folder = Path(text)
-    if (folder / "model.json").is_file():
-        return BaseModel.load(folder), text
+    path = Path(text)
+    if (path / "model.json").is_file():
+        return BaseModel.load(path), text
+    if (path / "model_index.json").is_file() or (path.is_file() and path.suffix in (".safetensors", ".ckpt")):
+        from wsa.decoding.sd import SDBase
+
+        return SDBase.load(path, config), text
     raise ConfigError(
-        f"cannot decode on base {text!r}: give builtin:<family> (builtin:faces, builtin:dogs) or a folder with "
-        "model.json (from `wsa world train-base`)"
+        f"cannot decode on base {text!r}: give builtin:<family> (builtin:faces, builtin:dogs), a folder with "
+        "model.json (from `wsa world train-base`), a diffusers Stable Diffusion folder, or a .safetensors "
+        "checkpoint (with its config folder)"
     )
 
 
@@ -199,6 +210,8 @@ def decoder_for_store(
         )
     model, ref = resolve_base(reference)
     family = getattr(model, "family", None)
+    if not isinstance(family, str):
+        family = None
     if prompt is None:
         prompt = zoo_prompt(store)
     if prompt is None and family is not None:

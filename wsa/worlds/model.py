@@ -287,27 +287,25 @@ class BaseModel(nn.Module):
                 cond = torch.cat([self.encode_prompts([""] * len(prompts)), cond])
             scheduler = DDIMScheduler.from_config(self.config.sample_scheduler_config())
             scheduler.set_timesteps(steps, device=device)
-            late: Any = _no_adapters
-            early: Any = _no_adapters
+            active: Any
             if lora is not None:
                 if assignment is None or len(assignment) != len(prompts):
                     raise ConfigError("with lora=, give assignment= with one adapter index per prompt")
                 lora = lora.to(device)
 
-                def contexts(indices: Sequence[int]) -> Any:
-                    index = torch.as_tensor(list(indices), dtype=torch.long)
-                    return lambda: lora.active(torch.cat([index, index]) if guided else index)
-
-                late = contexts(assignment)
-                before = assignment_before if assignment_before is not None else [-1] * len(prompts)
-                early = contexts(before)
-            for i, t in enumerate(scheduler.timesteps):
-                with early() if i < inject_after else late():
+                before = list(assignment_before) if assignment_before is not None else [-1] * len(prompts)
+                active = lora.active(before if inject_after > 0 else list(assignment))
+            else:
+                active = _no_adapters()
+            with active:
+                for i, t in enumerate(scheduler.timesteps):
+                    if lora is not None and i == inject_after and inject_after > 0:
+                        lora.switch(list(assignment))  # w2w's delayed injection
                     eps = self.unet(torch.cat([x, x]) if guided else x, t, cond).sample
-                if guided:
-                    uncond, conditional = eps.chunk(2)
-                    eps = uncond + guidance * (conditional - uncond)
-                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+                    if guided:
+                        uncond, conditional = eps.chunk(2)
+                        eps = uncond + guidance * (conditional - uncond)
+                    x = scheduler.step(eps, t, x, eta=0.0).prev_sample
         finally:
             self.to(device=was[0], dtype=was[1]).train(was[2])
         return ((x.float().cpu() + 1) / 2).clamp(0, 1)
