@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny import tiny_sd_pipeline
+from tests.tiny import tiny_sd_pipeline, write_single_file_checkpoint
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.decoding import BatchedLoRA
 from wsa.decoding.sd import SDBase
@@ -77,6 +77,17 @@ def test_delayed_injection_starts_from_the_base(base):
     full = base.sample(PROMPTS[:1], [7], steps=4, lora=lora, assignment=[0])
     late = base.sample(PROMPTS[:1], [7], steps=4, lora=lora, assignment=[0], inject_after=2)
     assert (full - late).abs().max() > 1e-4
+
+
+def test_single_file_checkpoint_loads_with_its_config_folder(base, pipeline_dir, tmp_path):
+    checkpoint = write_single_file_checkpoint(pipeline_dir, tmp_path / "tiny-sd.safetensors")
+    single = SDBase.load(checkpoint, config=pipeline_dir)
+    torch.testing.assert_close(single.sample(PROMPTS[:1], [3], steps=2), base.sample(PROMPTS[:1], [3], steps=2))
+    adapters = [random_adapter(base, 4)]
+    lora = BatchedLoRA(single.adapter_layers(), stacks_from_adapters(adapters))
+    ours = single.sample(PROMPTS[:1], [3], steps=2, lora=lora, assignment=[0])
+    lora_folder = BatchedLoRA(base.adapter_layers(), stacks_from_adapters(adapters))
+    torch.testing.assert_close(ours, base.sample(PROMPTS[:1], [3], steps=2, lora=lora_folder, assignment=[0]))
 
 
 def test_bad_bases_are_one_line_errors(pipeline_dir, tmp_path):

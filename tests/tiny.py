@@ -222,3 +222,109 @@ def tiny_sd_pipeline(folder: Path, seed: int = 0) -> Path:
     )
     pipe.save_pretrained(folder / "pipeline")
     return folder / "pipeline"
+
+
+def _unet_to_ldm(state: Mapping[str, Tensor], config: Mapping[str, object]) -> dict[str, Tensor]:
+    """diffusers UNet2DConditionModel keys → original (LDM) ``model.diffusion_model.*`` keys.
+
+    The inverse of diffusers' ``convert_ldm_unet_checkpoint`` for any ``layers_per_block``, so a
+    single-file checkpoint of a tiny UNet can be written and read back by ``from_single_file``.
+    """
+    lpb = int(config["layers_per_block"])  # type: ignore[arg-type]
+    n_blocks = len(config["block_out_channels"])  # type: ignore[arg-type]
+    resnet = [
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("conv_shortcut", "skip_connection"),
+    ]
+    prefixes: list[tuple[str, str, bool]] = [
+        ("time_embedding.linear_1.", "time_embed.0.", False),
+        ("time_embedding.linear_2.", "time_embed.2.", False),
+        ("conv_in.", "input_blocks.0.0.", False),
+        ("conv_norm_out.", "out.0.", False),
+        ("conv_out.", "out.2.", False),
+        ("mid_block.resnets.0.", "middle_block.0.", True),
+        ("mid_block.attentions.0.", "middle_block.1.", False),
+        ("mid_block.resnets.1.", "middle_block.2.", True),
+    ]
+    up_types = config["up_block_types"]
+    for i in range(n_blocks):
+        for j in range(lpb):
+            k = i * (lpb + 1) + j + 1
+            prefixes += [
+                (f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{k}.0.", True),
+                (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{k}.1.", False),
+            ]
+        prefixes.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (lpb + 1)}.0.op.", False))
+        for j in range(lpb + 1):
+            k = i * (lpb + 1) + j
+            prefixes += [
+                (f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{k}.0.", True),
+                (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1.", False),
+            ]
+        has_attention = "CrossAttn" in str(up_types[i])  # type: ignore[index]
+        prefixes.append(
+            (f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (lpb + 1) + lpb}.{2 if has_attention else 1}.", False)
+        )
+    out = {}
+    for key, value in state.items():
+        for ours, theirs, is_resnet in prefixes:
+            if key.startswith(ours):
+                rest = key[len(ours) :]
+                if is_resnet:
+                    for a, b in resnet:
+                        if rest.startswith(a + "."):
+                            rest = b + rest[len(a) :]
+                            break
+                out["model.diffusion_model." + theirs + rest] = value
+                break
+        else:
+            raise KeyError(f"no LDM name for UNet key {key}")
+    return out
+
+
+def _vae_to_ldm(state: Mapping[str, Tensor], n_blocks: int) -> dict[str, Tensor]:
+    """diffusers AutoencoderKL keys → ``first_stage_model.*`` (attention projections as 1×1 convs)."""
+    out = {}
+    for key, value in state.items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        for side in ("encoder", "decoder"):
+            k = k.replace(f"{side}.mid_block.resnets.0.", f"{side}.mid.block_1.")
+            k = k.replace(f"{side}.mid_block.resnets.1.", f"{side}.mid.block_2.")
+            k = k.replace(f"{side}.mid_block.attentions.0.", f"{side}.mid.attn_1.")
+        k = (
+            k.replace("attn_1.group_norm.", "attn_1.norm.")
+            .replace("attn_1.to_q.", "attn_1.q.")
+            .replace("attn_1.to_k.", "attn_1.k.")
+            .replace("attn_1.to_v.", "attn_1.v.")
+            .replace("attn_1.to_out.0.", "attn_1.proj_out.")
+        )
+        for i in range(n_blocks):
+            k = k.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
+            k = k.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            k = k.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n_blocks - 1 - i}.block.")
+            k = k.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n_blocks - 1 - i}.upsample.")
+        if ".attn_1." in k and k.endswith("weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out["first_stage_model." + k] = value
+    return out
+
+
+def write_single_file_checkpoint(pipeline_dir: Path, out: Path) -> Path:
+    """The tiny pipeline as one original-format ``.safetensors`` (UNet, VAE, CLIP), as SD 1.5 ships."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from wsa.formats.names import canonical_text_encoder_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
+    tensors = _unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
+    vae_blocks = len(json.loads((pipeline_dir / "vae" / "config.json").read_text())["block_out_channels"])
+    tensors.update(_vae_to_ldm(pipe.vae.state_dict(), vae_blocks))
+    for key, value in pipe.text_encoder.state_dict().items():
+        tensors["cond_stage_model.transformer." + canonical_text_encoder_path(key)] = value
+    return save_safetensors(out, {k: v.contiguous() for k, v in tensors.items()})

@@ -80,12 +80,16 @@ class SDBase:
             config_path = Path(config)
             import json
 
+            if not (config_path / "model_index.json").is_file():
+                raise ConfigError(
+                    f"--base-config {config_path} is not a diffusers pipeline folder (no model_index.json)"
+                )
+
             class_name = json.loads((config_path / "model_index.json").read_text()).get("_class_name")
             pipeline_cls = getattr(diffusers, class_name or "StableDiffusionPipeline")
             try:
-                pipe = pipeline_cls.from_single_file(
-                    str(path), config=str(config_path), torch_dtype=dtype, local_files_only=True
-                )
+                extra = {"torch_dtype": dtype} if dtype != torch.float32 else {}
+                pipe = pipeline_cls.from_single_file(str(path), config=str(config_path), local_files_only=True, **extra)
             except (OSError, ValueError, KeyError) as exc:
                 raise ConfigError(f"cannot load the checkpoint with configs from {config_path} ({exc})", path) from None
             return cls(pipe, str(path))
