@@ -41,7 +41,7 @@ class Decoder:
     base_ref : where the base came from (``builtin:faces`` or a folder), echoed into outputs.
     prompt : the default prompt (the collection's identity prompt, e.g. ``"a sks face, neutral, on blue"``).
     family : the concept family name when the base belongs to an embedded world (enables the oracle).
-    device, steps, guidance, batch_size : sampling settings.
+    device, steps, guidance, batch_size, dtype : sampling settings (fp16 on CUDA unless ``dtype`` says).
     """
 
     model: Any
@@ -53,6 +53,7 @@ class Decoder:
     steps: int = 25
     guidance: float = 3.0
     batch_size: int = 64
+    dtype: torch.dtype | None = None  # None: float16 on CUDA, float32 on the CPU
 
     def images(
         self,
@@ -86,6 +87,7 @@ class Decoder:
                     steps=self.steps,
                     guidance=self.guidance,
                     device=self.device,
+                    dtype=self.dtype or (torch.float16 if str(self.device).startswith("cuda") else torch.float32),
                     lora=lora,
                     assignment=list(assignment[part]),
                     inject_after=inject_after,
