@@ -10,7 +10,8 @@ import hashlib
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -35,6 +36,8 @@ class AnalyzeConfig:
     seed: int = 0
     device: str = "auto"
     labels: str | None = None
+    engine: str = "local"  # local | dask
+    scheduler: str | None = None  # Dask scheduler address; None: a local cluster of processes
     decode: bool = False
     base: str | None = None
     decode_steps: int = 25
@@ -98,12 +101,28 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def resolve_store(inputs: Sequence[str | Path], cache: Path, repr: str, progress: bool) -> Store:
+def resolve_store(inputs: Sequence[str | Path], cache: Path, repr: str, progress: bool, client: Any = None) -> Store:
     """A store given as input is used as is; adapter files/folders are ingested into ``cache``."""
     paths = [Path(p) for p in inputs]
     if len(paths) == 1 and (paths[0] / MANIFEST).is_file():
         return open_store(paths[0])
+    if client is not None:
+        from wsa.dask_engine import ChunkedExecutor
+
+        return ingest(paths, cache, repr=repr, progress=progress, executor=ChunkedExecutor(client))
     return ingest(paths, cache, repr=repr, progress=progress)
+
+
+@contextmanager
+def _engine(config: AnalyzeConfig) -> Iterator[Any]:
+    """A Dask client for ``engine = "dask"`` (closed afterwards), else None."""
+    if config.engine != "dask":
+        yield None
+        return
+    from wsa.dask_engine import dask_client
+
+    with dask_client(config.scheduler) as client:
+        yield client
 
 
 def run_analysis(
@@ -139,24 +158,41 @@ def run_analysis(
     if unknown_tables:
         raise ConfigError(f"config has parameters for unknown analyzers {sorted(unknown_tables)}")
 
+    if config.engine not in ("local", "dask"):
+        raise ConfigError(f"engine must be 'local' or 'dask'; got {config.engine!r}")
+    if config.scheduler and config.engine != "dask":
+        raise ConfigError("a scheduler address needs engine 'dask'")
     timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    store = resolve_store(inputs, Path(cache) if cache else out / "store", config.repr, progress)
-    timings["ingest"] = time.perf_counter() - t0
-    if len(store) < 3:
-        raise ConfigError(f"{store.path}: {len(store)} adapters; an analysis needs at least 3")
-    k = min(config.n_components, len(store) - 1, store.n_features)
-    t0 = time.perf_counter()
-    space = fit_space(
-        store,
-        k,
-        center=config.center,
-        standardize=config.standardize,
-        solver=config.solver,
-        random_state=config.seed,
-        device=config.device,
-        progress=progress,
-    )
+    with _engine(config) as client:
+        t0 = time.perf_counter()
+        store = resolve_store(inputs, Path(cache) if cache else out / "store", config.repr, progress, client)
+        timings["ingest"] = time.perf_counter() - t0
+        if len(store) < 3:
+            raise ConfigError(f"{store.path}: {len(store)} adapters; an analysis needs at least 3")
+        k = min(config.n_components, len(store) - 1, store.n_features)
+        t0 = time.perf_counter()
+        if client is not None:
+            from wsa.dask_engine import fit_space_dask
+
+            space = fit_space_dask(
+                store,
+                k,
+                client=client,
+                center=config.center,
+                standardize=config.standardize,
+                random_state=config.seed,
+            )
+        else:
+            space = fit_space(
+                store,
+                k,
+                center=config.center,
+                standardize=config.standardize,
+                solver=config.solver,
+                random_state=config.seed,
+                device=config.device,
+                progress=progress,
+            )
     space.save(out / "space")
     _record_decoding(out / "space", store, config)
     timings["space"] = time.perf_counter() - t0

@@ -61,6 +61,12 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     help="List the available analyzers and exit.",
 )
 @click.option(
+    "--engine",
+    type=click.Choice(["local", "dask"]),
+    help="dask: ingest and PCA on a Dask cluster (workers must see the files) [default: local].",
+)
+@click.option("--scheduler", help="Dask scheduler address, e.g. tcp://head:8786 [default: a local cluster].")
+@click.option(
     "--decode/--no-decode",
     default=None,
     help="Decode members, sampled models and interpolation paths into image galleries (the gallery analyzer).",
@@ -85,6 +91,8 @@ def analyze(
     device,
     seed,
     cache,
+    engine,
+    scheduler,
     decode,
     base,
     decode_steps,
@@ -102,6 +110,7 @@ def analyze(
       wsa analyze ./loras --labels attributes.csv --out reports/identities
       wsa analyze ./space --analyzers pca,probes,manifold --config analysis.toml --out reports/x
       wsa world unpack faces --out zoo && wsa analyze zoo --labels zoo/attributes.csv --decode --out reports/faces
+      wsa analyze /shared/loras --engine dask --scheduler tcp://head:8786 --out /shared/reports/x
     """
     from wsa.analyses.run import AnalyzeConfig, load_config, run_analysis
 
@@ -114,6 +123,8 @@ def analyze(
         "solver": solver,
         "device": device,
         "seed": seed,
+        "engine": engine,
+        "scheduler": scheduler,
         "decode": decode,
         "base": base,
         "decode_steps": decode_steps,

@@ -52,8 +52,18 @@ from wsa.cli import main
     default=None,
     help="LoRA alpha of a dataset [default: adapter_config.json beside the layout, else rank].",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "dask"]),
+    default="local",
+    show_default=True,
+    help="dask: workers of a Dask cluster read and encode the files (they must see them: shared file system).",
+)
+@click.option("--scheduler", help="Dask scheduler address (tcp://host:8786) [default: a local cluster of processes].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash, layout, alpha, quiet) -> None:
+def ingest(
+    paths, out, representation, dtype, modules, skip_bad, workers, rehash, layout, alpha, engine, scheduler, quiet
+) -> None:
     """Flatten every adapter under PATHS (recursive) into one N × D matrix at --out.
 
     \b
@@ -67,6 +77,7 @@ def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash
       wsa ingest ./loras --out ./space-c --repr canonical --skip-bad
       wsa ingest a/ b/ c.safetensors --out ./space --modules intersect
       wsa ingest all_weights.pt --layout files/weight_dimensions.pt --out ./w2w   # w2w release
+      wsa ingest /shared/loras --out /shared/space --engine dask --scheduler tcp://head:8786
     """
     from wsa.store import ingest as run_ingest
 
@@ -80,9 +91,9 @@ def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash
     elif alpha is not None:
         raise click.UsageError("--alpha applies to datasets read with --layout")
 
-    store = run_ingest(
-        list(paths),
-        out,
+    if scheduler and engine != "dask":
+        raise click.UsageError("--scheduler needs --engine dask")
+    options = dict(
         repr=representation,
         dtype=dtype,
         modules=modules,
@@ -92,6 +103,13 @@ def ingest(paths, out, representation, dtype, modules, skip_bad, workers, rehash
         progress=not quiet,
         sources=sources,
     )
+    if engine == "dask":
+        from wsa.dask_engine import ChunkedExecutor, dask_client
+
+        with dask_client(scheduler) as client:
+            store = run_ingest(list(paths), out, executor=ChunkedExecutor(client), **options)
+    else:
+        store = run_ingest(list(paths), out, **options)
     skipped = store.manifest.get("problems", [])
     click.echo(
         f"{store.path}: {len(store)} adapters × {store.n_features} features ({store.repr}, {store.manifest['dtype']})"

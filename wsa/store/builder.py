@@ -192,6 +192,7 @@ def ingest(
     rehash: bool = False,
     progress: bool = True,
     sources: list[Source] | None = None,
+    executor: Any = None,
 ) -> Store:
     """Flatten a collection of adapters into a store at ``out`` and return it.
 
@@ -208,6 +209,9 @@ def ingest(
     workers : reader threads (default: number of CPUs, at most 8).
     rehash : compare content hashes instead of size+mtime to decide which rows to reuse.
     sources : pre-discovered sources (used for datasets); ``paths`` is then only echoed.
+    executor : where adapters are read and encoded instead of local threads, e.g. a
+        :class:`wsa.dask_engine.ChunkedExecutor` on a Dask cluster (rows come back to this process,
+        which writes the store as usual).
     """
     opts = IngestOptions(repr=repr, dtype=dtype, modules=modules)
     opts.validate()
@@ -245,7 +249,9 @@ def ingest(
         np.save(partial / "done.npy", np.zeros(len(sources), dtype=np.uint8))
         write_json(partial / "plan.json", plan)
     layout = Layout.from_json(plan["layout"])
-    return _build(out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list)
+    return _build(
+        out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list, executor
+    )
 
 
 def _unchanged(old: Store, config: dict, sources: list[Source]) -> bool:
@@ -284,7 +290,9 @@ def _read_rows_journal(path: Path, done: np.ndarray) -> dict[int, dict]:
     return facts
 
 
-def _build(out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list) -> Store:
+def _build(
+    out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list, executor=None
+) -> Store:
     matrix_path = partial / f"matrix-{plan['token']}.npy"
     offset = _npy_data_offset(matrix_path)
     itemsize = np.dtype(opts.dtype).itemsize
@@ -326,7 +334,7 @@ def _build(out, partial, plan, layout, sources, old, opts, skip_bad, workers, re
     try:
         todo = [i for i in range(len(sources)) if not done[i]]
         todo = _reuse_old_rows(old, sources, plan, layout, todo, record, rehash)
-        _encode_rows(sources, todo, layout, opts, workers, progress, record)
+        _encode_rows(sources, todo, layout, opts, workers, progress, record, executor)
         checkpoint()
     finally:
         journal.close()
@@ -394,44 +402,55 @@ def _reuse_old_rows(
     return left
 
 
-def _encode_rows(
-    sources, todo: list[int], layout: Layout, opts: IngestOptions, workers: int, progress: bool, record
-) -> None:
-    def work(i: int) -> tuple[dict, np.ndarray | None]:
-        src = sources[i]
-        base = {"id": src.id, "source": str(src.path), "files": src.fingerprint(), "row": src.row}
-        try:
-            adapter = src.load()
-            row = encode(adapter, layout)
-        except Mismatch as exc:
-            return {**base, "problem": str(exc)}, None
-        except WsaError as exc:
-            return {**base, "problem": str(exc).removeprefix(f"{src.path}: ")}, None
-        facts = {
-            **base,
-            "sha256": _hash_files(src.files) if src.row is None else f"row:{src.row}",
-            "format": adapter.format,
-            "kinds": adapter.kinds,
-            "n_params": adapter.n_params,
-            "delta_norm": round(delta_norm(adapter), 9)
-            if not any(m.is_dora for m in adapter.modules.values())
-            else None,
-        }
-        return facts, row
+def _encode_source(src: Source, layout: Layout) -> tuple[dict, np.ndarray | None]:
+    """Read one adapter and encode it (a module-level function so Dask workers can run it)."""
+    base = {"id": src.id, "source": str(src.path), "files": src.fingerprint(), "row": src.row}
+    try:
+        adapter = src.load()
+        row = encode(adapter, layout)
+    except Mismatch as exc:
+        return {**base, "problem": str(exc)}, None
+    except WsaError as exc:
+        return {**base, "problem": str(exc).removeprefix(f"{src.path}: ")}, None
+    facts = {
+        **base,
+        "sha256": _hash_files(src.files) if src.row is None else f"row:{src.row}",
+        "format": adapter.format,
+        "kinds": adapter.kinds,
+        "n_params": adapter.n_params,
+        "delta_norm": round(delta_norm(adapter), 9) if not any(m.is_dora for m in adapter.modules.values()) else None,
+    }
+    return facts, row
 
+
+def _encode_rows(
+    sources,
+    todo: list[int],
+    layout: Layout,
+    opts: IngestOptions,
+    workers: int,
+    progress: bool,
+    record,
+    executor: Any = None,
+) -> None:
     if not todo:
         return
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        bar = tqdm(
-            total=len(todo),
-            desc="ingest",
-            unit="adapter",
-            disable=None if progress else True,
-            file=sys.stderr,
-        )
-        for i, (entry, row) in _bounded(pool, work, todo, workers * 4, bar):
+    bar = tqdm(total=len(todo), desc="ingest", unit="adapter", disable=None if progress else True, file=sys.stderr)
+    if executor is not None:  # e.g. wsa.dask_engine.ChunkedExecutor: workers read and encode chunks of files
+        from functools import partial
+
+        items = [sources[i] for i in todo]
+        for i, (_, (entry, row)) in zip(
+            todo, executor.map_ordered(partial(_encode_source, layout=layout), items), strict=True
+        ):
             record(i, entry, row)
+            bar.update(1)
         bar.close()
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, (entry, row) in _bounded(pool, lambda i: _encode_source(sources[i], layout), todo, workers * 4, bar):
+            record(i, entry, row)
+    bar.close()
 
 
 def _finalize(
