@@ -3,14 +3,15 @@
 Peers (same data, same machine, each in its own process so peak memory is its own):
 
 * ``torch.svd_lowrank(q=k, niter=2)`` on the matrix in memory — w2w's recipe;
-* ``torch.linalg.svd`` (full, exact) — also the accuracy reference;
+* ``torch.linalg.svd`` (full, exact; stopped after ``--timeout`` seconds);
 * scikit-learn ``PCA(svd_solver="randomized")`` and ``IncrementalPCA``;
 * ``dask.array.linalg.svd_compressed`` (threads scheduler, the array read from the ``.npy`` memmap);
 * wsa ``fit_space`` (randomized, in memory; streaming, out of core) and wsa's Dask engine.
 
 All on the centred matrix (no z-scoring), k components. Accuracy: captured variance of the top k
-(``‖X̃ Vᵀ‖² / ‖X̃ V_exactᵀ‖²``) and the largest principal angle over the top 10 components, against the
-exact SVD. Results go to ``docs/benchmarks.md`` (section "PCA against peers").
+(``‖X̃ Vᵀ‖² / ‖X̃ V_exactᵀ‖²``) and the largest principal angle over the top 10 components, against
+the exact decomposition (wsa's exact solver: float64 eigendecomposition of the Gram matrix).
+Results go to ``docs/benchmarks.md`` (section "PCA against peers").
 
     .venv/bin/python benchmarks/bench_peers.py --adapters bench-data/adapters-65000 --n 5000 --k 100
 """
@@ -33,6 +34,7 @@ from bench_ingest import code_version, machine
 
 SECTION = "## PCA against peers"
 METHODS = (
+    "wsa-exact",
     "wsa-randomized",
     "wsa-streaming",
     "wsa-dask",
@@ -59,7 +61,11 @@ def run_method(method: str, store_path: str, k: int, out: str) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     store = wsa.open_store(store_path)
     t0 = time.perf_counter()
-    if method == "wsa-randomized":
+    if method == "wsa-exact":
+        from wsa.space import fit_space
+
+        v = fit_space(store, k, solver="exact", progress=False).components
+    elif method == "wsa-randomized":
         from wsa.space import fit_space
 
         v = fit_space(store, k, solver="randomized", n_iter=2, progress=False).components
@@ -99,7 +105,7 @@ def run_method(method: str, store_path: str, k: int, out: str) -> None:
             x = da.from_array(store.matrix, chunks=(max(1, (64 << 20) // (4 * store.n_features)), -1))
             x = x.astype(np.float32)
             xc = x - x.mean(axis=0)
-            _, _, vv = da.linalg.svd_compressed(xc, k, n_power_iter=2, seed=0)
+            _, _, vv = da.linalg.svd_compressed(xc, k, n_power_iter=2, seed=0)  # dask's defaults
             v = vv.compute()
     else:
         raise SystemExit(f"unknown method {method}")
@@ -108,19 +114,28 @@ def run_method(method: str, store_path: str, k: int, out: str) -> None:
     Path(out + ".json").write_text(json.dumps({"seconds": seconds}))
 
 
-def measure_exact_rss(method: str, store_path: str, k: int, work: Path) -> dict:
-    """Run one method with os.wait4 so its own peak RSS is known."""
+def measure_exact_rss(method: str, store_path: str, k: int, work: Path, timeout: float = 600.0) -> dict:
+    """Run one method with os.wait4 so its own peak RSS is known; stop it after ``timeout`` seconds."""
+    import signal
+    import threading
+
     out = str(work / f"{method}.npy")
     t0 = time.perf_counter()
+    log = open(work / f"{method}.log", "w")  # noqa: SIM115 (closed below; a pipe could fill and block)
     proc = subprocess.Popen(
         [sys.executable, __file__, "--_run", method, "--store", store_path, "--k", str(k), "--_out", out],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=log,
     )
+    timer = threading.Timer(timeout, lambda: proc.send_signal(signal.SIGKILL))
+    timer.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    timer.cancel()
+    log.close()
     wall = time.perf_counter() - t0
-    err = proc.stderr.read() if proc.stderr else ""
+    if wall >= timeout:
+        return {"method": method, "error": f"stopped after {timeout:.0f} s"}
+    err = (work / f"{method}.log").read_text()
     if os.waitstatus_to_exitcode(status) != 0:
         return {"method": method, "error": (err.strip().splitlines() or ["failed"])[-1][:200]}
     info = json.loads(Path(out + ".json").read_text())
@@ -141,7 +156,7 @@ def accuracy(store, k: int, ref: np.ndarray, v: np.ndarray) -> dict:
     exact = float(np.square(x @ ref[:k].T).sum())
     top = min(10, k)
     q, _ = np.linalg.qr(v[:top].T.astype(np.float64))
-    angles = np.degrees(principal_angles(q.T, ref[:top]))
+    angles = principal_angles(q.T, ref[:top])  # degrees
     return {"captured_variance_ratio": captured / exact, "max_angle_top10_deg": float(np.max(angles))}
 
 
@@ -153,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", default="bench-data/peers")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--doc", default="docs/benchmarks.md")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a method is stopped")
+    p.add_argument("--rerun", default="", help="re-measure only these methods, keep the others' results")
     p.add_argument("--store")
     p.add_argument("--_run")
     p.add_argument("--_out")
@@ -171,14 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     store = wsa.ingest(folders, work / "store", progress=True)
     print(f"store: {len(store)} × {store.n_features} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     results = []
+    previous = {}
+    if args.rerun and (work / "results.json").is_file():
+        previous = {r["method"]: r for r in json.loads((work / "results.json").read_text())}
+    rerun = set(args.rerun.split(",")) if args.rerun else None
     for method in args.methods.split(","):
-        r = measure_exact_rss(method, str(store.path), args.k, work)
+        if rerun is not None and method not in rerun and method in previous:
+            results.append(previous[method])
+            continue
+        r = measure_exact_rss(method, str(store.path), args.k, work, args.timeout)
         print(json.dumps({k: v for k, v in r.items() if k != "components"}), file=sys.stderr)
         results.append(r)
-    ref_row = next((r for r in results if r["method"] == "torch-linalg-svd" and "error" not in r), None)
+    ref_row = next((r for r in results if r["method"] == "wsa-exact" and "error" not in r), None)
     if ref_row is None:
-        r = measure_exact_rss("torch-linalg-svd", str(store.path), args.k, work)
-        ref_row = r
+        ref_row = measure_exact_rss("wsa-exact", str(store.path), args.k, work, args.timeout)
     ref = np.load(ref_row["components"])
     for r in results:
         if "error" not in r:
@@ -191,10 +214,11 @@ def main(argv: list[str] | None = None) -> None:
         f"rank-1 q/v LoRAs of SD 1.5's shape, planted low-rank structure + noise: `benchmarks/bench_ingest.py`), "
         f"k = {args.k} components, centred. {mach['cpu']}, {mach['nproc']} CPUs, {mach['ram_gb']:.1f} GiB; "
         f"wsa {code_version()}. Each method in its own process (peak RSS from `wait4`). Accuracy against "
-        "`torch.linalg.svd` of the same centred matrix: captured variance of the top k (1 = exact) and the "
+        "the exact decomposition (wsa's exact solver) of the same centred matrix: captured variance of the top k "
+        "(1 = exact) and the "
         "largest principal angle among the top 10 components.",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_peers.py --n {args.n} --k {args.k}`",
+        f"Command: `.venv/bin/python benchmarks/bench_peers.py --n {args.n} --k {args.k} --timeout {args.timeout:g}`",
         "",
         "| method | fit time (s) | × wsa | peak RSS (GiB) | × wsa | captured variance | max angle top-10 (°) |",
         "|---|---|---|---|---|---|---|",
@@ -215,6 +239,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _write_section(path: Path, title: str, block: str) -> None:
+    """Replace (or add) the ``### title`` block of the "PCA against peers" section of ``path``."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if SECTION not in text:
+        text = text.rstrip() + f"\n\n{SECTION}\n\nProduced by `benchmarks/bench_peers.py`.\n"
+        path.write_text(text)
     import bench_analyze
 
     old = bench_analyze.SECTION

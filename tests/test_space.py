@@ -316,3 +316,17 @@ def test_cuda_matches_cpu(solver: str) -> None:
     # float32 block products summed in another order on the GPU: ~6e-5 relative, measured on an H100
     np.testing.assert_allclose(gpu.singular_values, cpu.singular_values, rtol=2e-4)
     np.testing.assert_allclose(gpu.coefficients, cpu.coefficients, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("standardize", [False, True])
+def test_streaming_gpu_cache_matches_host_streaming(standardize: bool) -> None:
+    """The fp16 device copy (shifted and scaled) gives the space that streaming from the host gives."""
+    x, _ = planted(noise=0.05)
+    x = x + 3.0  # a large offset: the cache must hold the variation, not the offset
+    host = fit(x, 5, solver="streaming", device="cuda", standardize=standardize, gpu_cache_bytes=0)
+    cached = fit(x, 5, solver="streaming", device="cuda", standardize=standardize)
+    assert cached.config["gpu_cache_bytes"] > 0 and host.config["gpu_cache_bytes"] == 0
+    assert np.degrees(principal_angles(cached.components, host.components)).max() < 0.5
+    np.testing.assert_allclose(cached.singular_values, host.singular_values, rtol=2e-3)
