@@ -28,8 +28,7 @@ MODULES = [
 @pytest.fixture(scope="module", params=[1, 2])
 def stores(request, tmp_path_factory):
     root: Path = tmp_path_factory.mktemp(f"gram{request.param}")
-    synth_collection(root / "loras", 24, rank=request.param, modules=MODULES, n_factors=4, a_jitter=0.3,
-                     progress=False)
+    synth_collection(root / "loras", 24, rank=request.param, modules=MODULES, n_factors=4, a_jitter=0.3, progress=False)
     raw = wsa.ingest([root / "loras"], root / "raw", progress=False)
     delta = wsa.ingest([root / "loras"], root / "delta", repr="delta", progress=False)
     return raw, delta

@@ -66,8 +66,13 @@ def _lora_parts(layout) -> list[tuple[slice, slice, tuple[int, int], tuple[int, 
         d_shape = (r, int(np.prod(down.shape)) // r)
         u_shape = (int(np.prod(up.shape)) // r, r)
         parts.append(
-            (slice(down.offset, down.offset + down.size), slice(up.offset, up.offset + up.size), d_shape, u_shape,
-             float(ml.scale))
+            (
+                slice(down.offset, down.offset + down.size),
+                slice(up.offset, up.offset + up.size),
+                d_shape,
+                u_shape,
+                float(ml.scale),
+            )
         )
     return parts
 
