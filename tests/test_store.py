@@ -19,6 +19,15 @@ from wsa.store.dataset import dataset_sources
 from wsa.store.representations import canonical_factors
 from wsa.synthetic import synth_collection
 
+
+@pytest.fixture(autouse=True)
+def _general_reader_only(monkeypatch):
+    """These tests count and break ``Source.load``; the fast path (tests/test_fastpath.py) bypasses it."""
+    from wsa.store import fastpath
+
+    monkeypatch.setattr(fastpath, "_DISABLED", True)
+
+
 SMALL_MODULES = [
     ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", 8, 8),
     ("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v", 12, 8),

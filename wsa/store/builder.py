@@ -403,7 +403,19 @@ def _reuse_old_rows(
 
 
 def _encode_source(src: Source, layout: Layout) -> tuple[dict, np.ndarray | None]:
-    """Read one adapter and encode it (a module-level function so Dask workers can run it)."""
+    """Read one adapter and encode it (a module-level function so Dask workers can run it).
+
+    Files repeating a known PEFT header take the fast path (:mod:`wsa.store.fastpath`); the rest the
+    general reader.
+    """
+    from wsa.store.fastpath import encode_fast
+
+    got = encode_fast(src, layout, lambda s: _encode_source_general(s, layout))
+    return got if got is not None else _encode_source_general(src, layout)
+
+
+def _encode_source_general(src: Source, layout: Layout) -> tuple[dict, np.ndarray | None]:
+    """Read one adapter through its format's reader and encode it."""
     base = {"id": src.id, "source": str(src.path), "files": src.fingerprint(), "row": src.row}
     try:
         adapter = src.load()
