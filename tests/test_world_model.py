@@ -170,9 +170,9 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(faces, model):
     assert images.shape == (4, 3, 16, 16)
     assert images.min() >= -1
     assert images.max() <= 1
-    from wsa.worlds.train_base import _alphas_cumprod
+    from wsa.worlds.runtime import alphas_cumprod
 
-    alphas = _alphas_cumprod(TINY)
+    alphas = alphas_cumprod(TINY)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
 

@@ -115,7 +115,7 @@ def invert(
 
     from tqdm.auto import tqdm
 
-    from wsa.worlds.zoo import _alphas_cumprod
+    from wsa.worlds.runtime import alphas_cumprod
 
     single = image.ndim == 3
     images = image[None] if single else image
@@ -145,7 +145,7 @@ def invert(
     mask_t = None if masks is None else masks.to(device).float()
     with torch.no_grad():
         context = model.encode_prompts([decoder.prompt]).detach()
-    alphas = _alphas_cumprod(model).to(device)
+    alphas = alphas_cumprod(model.config).to(device)
     generator = torch.Generator(device).manual_seed(seed)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="invert", disable=None if progress else True, file=sys.stderr)
@@ -189,7 +189,7 @@ def finetune_on_image(
     """
     from tqdm.auto import tqdm
 
-    from wsa.worlds.zoo import _alphas_cumprod
+    from wsa.worlds.runtime import alphas_cumprod
 
     if layout.repr != "raw" or any(
         m.kind != "lora" or {p.name for p in m.parts} != {"down", "up"} for m in layout.modules
@@ -217,7 +217,7 @@ def finetune_on_image(
     mask_t = None if masks is None else masks.to(device).float()
     with torch.no_grad():
         context = model.encode_prompts([decoder.prompt]).detach()
-    alphas = _alphas_cumprod(model).to(device)
+    alphas = alphas_cumprod(model.config).to(device)
     generator = torch.Generator(device).manual_seed(seed)
     scale = {ml.name: torch.full((m,), ml.scale, device=device) for ml in layout.modules}
     for _ in tqdm(range(steps), desc="fine-tune", disable=None if progress else True, file=sys.stderr):

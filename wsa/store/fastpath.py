@@ -13,6 +13,7 @@ the general path, so the store is the same either way (tested).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -110,18 +111,19 @@ def _layout_key(layout: Layout) -> int:
     return hash(tuple((m.name, m.scale, tuple((p.name, p.offset, p.shape) for p in m.parts)) for m in layout.modules))
 
 
-def _fast(src, data: bytes, template: _Template, layout: Layout) -> tuple[dict, np.ndarray] | None:
+def _fast(src, config: bytes, data: bytes, template: _Template, layout: Layout) -> tuple[dict, np.ndarray] | None:
     row = _apply(data, template, layout.n_features)
     if not np.isfinite(row).all():
         return None  # the general reader names the tensor and the problem
-    from wsa.store.builder import _hash_files
-
+    # The bytes already read, in the files' order: the digest ``builder._hash_files`` gives, without re-reading.
+    digest = hashlib.sha256(config)
+    digest.update(data)
     facts = {
         "id": src.id,
         "source": str(src.path),
         "files": src.fingerprint(),
         "row": None,
-        "sha256": _hash_files(src.files),
+        "sha256": digest.hexdigest(),
         "format": "peft",
         "kinds": ["lora"],
         "n_params": int(layout.n_features),
@@ -155,7 +157,7 @@ def encode_fast(src, layout: Layout, slow) -> tuple[dict, np.ndarray | None] | N
         known = key in _templates
         template = _templates.get(key)
     if known:
-        return None if template is None else _fast(src, data, template, layout)
+        return None if template is None else _fast(src, config_bytes, data, template, layout)
     facts, row = slow(src)
     candidate = None
     if row is not None:
@@ -165,7 +167,7 @@ def encode_fast(src, layout: Layout, slow) -> tuple[dict, np.ndarray | None] | N
         except (ValueError, KeyError, TypeError):
             candidate = None
         if candidate is not None:
-            check = _fast(src, data, candidate, layout)
+            check = _fast(src, config_bytes, data, candidate, layout)
             if check is None or check[0] != facts or not np.array_equal(check[1], np.asarray(row, np.float32)):
                 candidate = None
     with _lock:

@@ -36,6 +36,7 @@ sha256 of the weights file, which :meth:`BaseModel.load` checks).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -296,7 +297,7 @@ class BaseModel(nn.Module):
                 before = list(assignment_before) if assignment_before is not None else [-1] * len(prompts)
                 active = lora.active(before if inject_after > 0 else list(assignment))
             else:
-                active = _no_adapters()
+                active = contextlib.nullcontext()
             with active:
                 for i, t in enumerate(scheduler.timesteps):
                     if lora is not None and i == inject_after and inject_after > 0:
@@ -431,14 +432,6 @@ class BaseModel(nn.Module):
             if missing or extra:
                 raise StoreError(f"{prefix} tensors do not fit: missing {missing[:3]}, extra {extra[:3]}", source)
             module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-
-
-class _no_adapters:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def initial_noise(seeds: Sequence[int], image_size: int) -> Tensor:

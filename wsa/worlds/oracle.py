@@ -288,11 +288,9 @@ def train_oracle(family: Family, out: str | Path | None = None, **options: Any) 
             f"unknown oracle option(s) {unknown}; known: {sorted(OracleTrainConfig.__dataclass_fields__)}"
         )
     cfg = OracleTrainConfig(**options)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    from wsa.worlds.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
     started = time.time()
     images, table = render_pool(family, cfg.train_images, seed=1_000 + cfg.seed)
     rendered = time.time() - started
@@ -335,20 +333,9 @@ def train_oracle(family: Family, out: str | Path | None = None, **options: Any) 
 
 def parser() -> Any:
     """argparse parser generated from :class:`OracleTrainConfig` (``python -m wsa.worlds.oracle``)."""
-    import argparse
-    import dataclasses
+    from wsa.worlds.runtime import config_parser
 
-    p = argparse.ArgumentParser(prog="python -m wsa.worlds.oracle", description=__doc__.splitlines()[0])
-    p.add_argument("--family", required=True)
-    p.add_argument("--out", required=True)
-    for f in dataclasses.fields(OracleTrainConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default!r}")
-    return p
+    return config_parser("python -m wsa.worlds.oracle", __doc__.splitlines()[0], OracleTrainConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

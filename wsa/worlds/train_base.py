@@ -18,9 +18,9 @@ Run on a GPU (the shipped weights)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
-import platform
 import queue
 import sys
 import threading
@@ -36,6 +36,7 @@ from torch import Tensor
 from wsa.atomic import write_with
 from wsa.errors import ConfigError
 from wsa.worlds.model import BaseModel, ModelConfig, image_grid
+from wsa.worlds.runtime import alphas_cumprod, config_parser, hardware, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 _FREE_OPTIONS = ("max_minutes", "progress", "device", "log_every", "grid_images")  # may change on resume
@@ -96,7 +97,7 @@ def train_base(
     _validate(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -107,7 +108,7 @@ def train_base(
     ema = [p.detach().clone().float() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
-    alphas_cumprod = _alphas_cumprod(model_config).to(device)
+    alphas = alphas_cumprod(model_config).to(device)
 
     step, elapsed_before, losses = 0, 0.0, []
     checkpoint_path = out / CHECKPOINT
@@ -127,7 +128,7 @@ def train_base(
 
     stream = ChunkStream(family, cfg, model, start_step=step)
     bar = _progress(cfg, step)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     stopped_early = False
     model.train()
     try:
@@ -135,7 +136,7 @@ def train_base(
             images, ids = stream.batch(step, device)
             g = torch.Generator(device).manual_seed(_step_seed(cfg.seed, step))
             with autocast:
-                loss = diffusion_loss(model, images, ids, alphas_cumprod, g, cfg.prompt_dropout)
+                loss = diffusion_loss(model, images, ids, alphas, g, cfg.prompt_dropout)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -180,7 +181,7 @@ def train_base(
         "steps_planned": cfg.steps,
         "stopped_early": stopped_early,
         "options": _plain(asdict(cfg)),
-        "hardware": _hardware(device),
+        "hardware": hardware(device),
         "train_seconds": round(elapsed_before + time.time() - started, 1),
         "losses": losses,
         "command": "python -m wsa.worlds.train_base " + " ".join(_flags(cfg, family.name, out)),
@@ -278,12 +279,6 @@ class ChunkStream:
         self._thread.join(timeout=30)
 
 
-def _alphas_cumprod(config: ModelConfig) -> Tensor:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(config.train_scheduler_config()).alphas_cumprod.float()
-
-
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to 5 % of ``lr`` at ``steps``."""
     if step < cfg.warmup_steps:
@@ -331,25 +326,6 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"prompt_dropout must be in [0, 1); got {cfg.prompt_dropout!r}")
     if not 0 <= cfg.ema_decay < 1:
         raise ConfigError(f"ema_decay must be in [0, 1); got {cfg.ema_decay!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda; got {cfg.device!r}")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def _hardware(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["threads"] = torch.get_num_threads()
-    return info
 
 
 def _progress(cfg: TrainConfig, initial: int) -> Any:
@@ -358,14 +334,6 @@ def _progress(cfg: TrainConfig, initial: int) -> Any:
     return tqdm(
         total=cfg.steps, initial=initial, disable=None if cfg.progress else True, desc="train-base", file=sys.stderr
     )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _write_samples(model: BaseModel, family: Any, path: Path, seed: int, n: int = 32) -> None:
@@ -387,17 +355,7 @@ def _flags(cfg: TrainConfig, family: str, out: Path) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m wsa.worlds.train_base", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True)
-    parser.add_argument("--out", required=True)
-    for f in dataclasses.fields(TrainConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            parser.add_argument(flag, type=kind, default=f.default, help=f"default {f.default!r}")
-    return parser
+    return config_parser("python -m wsa.worlds.train_base", __doc__.splitlines()[0], TrainConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,10 +22,9 @@ from ``.partial/``.
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
-import platform
 import re
 import sys
 import time
@@ -43,6 +42,7 @@ from wsa.decoding.batched_lora import BatchedLoRA, LowRankStack
 from wsa.errors import ConfigError
 from wsa.worlds.family import IDENTITY_TOKEN, Family
 from wsa.worlds.model import BaseModel
+from wsa.worlds.runtime import alphas_cumprod, config_parser, hardware, resolve_device
 
 ZOO_FILE = "zoo.json"
 ATTRIBUTES_FILE = "attributes.csv"
@@ -160,7 +160,7 @@ def train_group(
     lora = BatchedLoRA(model.unet, {n: LowRankStack(down[n], up[n], scale) for n in layers})
     params = [*down.values(), *up.values()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99))
-    alphas = _alphas_cumprod(model).to(device)
+    alphas = alphas_cumprod(model.config).to(device)
     step, losses = 0, torch.zeros(m)
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
@@ -174,7 +174,7 @@ def train_group(
             if bar is not None:
                 bar.update(step)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _Null()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     per_identity = torch.arange(m, device=device).repeat_interleave(b)
     assignment = per_identity if cfg.prior_weight <= 0 else torch.cat([per_identity, per_identity])
     model.requires_grad_(False)
@@ -266,7 +266,7 @@ def build_zoo(family: Family, base: str | Path | None, out: str | Path, **option
         raise ConfigError(f"unknown zoo option(s) {unknown}; known: {sorted(ZooConfig.__dataclass_fields__)}")
     cfg = ZooConfig(**options)
     _validate(cfg)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -342,7 +342,7 @@ def build_zoo(family: Family, base: str | Path | None, out: str | Path, **option
                 }
             )
             record["groups"] = groups
-            record["hardware"] = _hardware(device)
+            record["hardware"] = hardware(device)
             write_json(record_path, record)
     finally:
         bar.close()
@@ -370,12 +370,6 @@ def _comparable(cfg: ZooConfig) -> dict[str, Any]:
     return {k: v for k, v in sorted(asdict(cfg).items()) if k not in _FREE_OPTIONS}
 
 
-def _alphas_cumprod(model: BaseModel) -> Tensor:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(model.config.train_scheduler_config()).alphas_cumprod.float()
-
-
 def _validate(cfg: ZooConfig) -> None:
     for name in ("n", "images_per_identity", "rank", "steps", "batch_per_identity", "checkpoint_every"):
         if getattr(cfg, name) < 1:
@@ -388,51 +382,12 @@ def _validate(cfg: ZooConfig) -> None:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}; got {cfg.dtype!r}")
     if cfg.prior_weight < 0 or cfg.lr <= 0 or cfg.alpha <= 0:
         raise ConfigError("prior_weight must be >= 0, lr and alpha > 0")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda; got {cfg.device!r}")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
-
-def _hardware(device: torch.device) -> dict[str, Any]:
-    info = {"device": str(device), "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        info["threads"] = torch.get_num_threads()
-    return info
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def parser() -> Any:
     """argparse parser generated from :class:`ZooConfig` (``python -m wsa.worlds.zoo``)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m wsa.worlds.zoo", description=__doc__.splitlines()[0])
-    p.add_argument("--family", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--base", default=None, help="base model folder (default: the family's shipped base)")
-    for f in dataclasses.fields(ZooConfig):
-        flag = f"--{f.name.replace('_', '-')}"
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        else:
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
-            p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default!r}")
-    return p
+    base = {"default": None, "help": "base model folder (default: the family's shipped base)"}
+    return config_parser("python -m wsa.worlds.zoo", __doc__.splitlines()[0], ZooConfig, {"--base": base})
 
 
 def main(argv: list[str] | None = None) -> int:
