@@ -20,6 +20,7 @@ import torch
 
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
+from wsa.editing import step_rows
 from wsa.errors import ConfigError
 from wsa.worlds import tile_images
 
@@ -151,13 +152,10 @@ class Gallery(Analyzer):
         strips, all_rows = [], []
         for name in names:
             vector = np.asarray(probes["directions_pc"][name], dtype=np.float32)
-            step = vector * float(probes["score_std"][name])
-            delta = (strengths[:, None] * step[None]) @ np.asarray(space.components[: len(vector)], dtype=np.float32)
-            if space.scale is not None:
-                delta = delta * np.asarray(space.scale, dtype=np.float32)
+            steps = strengths[:, None] * (vector * float(probes["score_std"][name]))[None]
             for i in range(len(members)):
                 strips.append((name, ids[i]))
-                all_rows.append(members[i][None] + delta)
+                all_rows.append(step_rows(space, members[i][None], steps))
         flat = np.vstack(all_rows)
         images = decoder.images(flat, list(range(len(flat))), [seed] * len(flat))
         return strips, strengths.tolist(), images

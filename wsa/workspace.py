@@ -124,15 +124,6 @@ class Workspace:
     def coefficients(self, rows: np.ndarray) -> np.ndarray:
         return self.space.transform(np.atleast_2d(rows))
 
-    def step_rows(self, rows: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        """Rows moved by PC-space steps ``dz`` (n, m): ``row + scale ⊙ (dz @ components[:m])``."""
-        dz = np.atleast_2d(np.asarray(dz, dtype=np.float32))
-        m = dz.shape[1]
-        delta = dz @ np.asarray(self.space.components[:m], dtype=np.float32)
-        if self.space.scale is not None:
-            delta = delta * np.asarray(self.space.scale, dtype=np.float32)
-        return np.atleast_2d(rows).astype(np.float32) + delta
-
     def decoder(
         self,
         base: str | None = None,
@@ -142,26 +133,10 @@ class Workspace:
         base_config: str | None = None,
     ):
         """A :class:`~wsa.decoding.decoder.Decoder` on the base recorded for this space (or ``base``)."""
-        import torch
-
-        from wsa.decoding.decoder import Decoder, resolve_base
+        from wsa.decoding.decoder import make_decoder, resolve_base
 
         reference = base or self.info.get("base")
         if reference is None:
             raise ConfigError("this space records no base model; pass --base builtin:<family> or a base folder")
         model, ref = resolve_base(reference, base_config)
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        prompt = prompt or self.info.get("prompt") or ""
-        model.tokenizer([prompt])
-        family = getattr(model, "family", None)
-        return Decoder(
-            model=model,
-            layout=self.layout,
-            base_ref=ref,
-            prompt=prompt,
-            family=family if isinstance(family, str) else None,
-            device=device,
-            steps=steps,
-            guidance=getattr(model, "default_guidance", 3.0),
-        )
+        return make_decoder(model, ref, self.layout, prompt or self.info.get("prompt"), device, steps)

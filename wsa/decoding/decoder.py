@@ -152,24 +152,31 @@ def resolve_base(reference: str | Path, config: str | Path | None = None) -> tup
     )
 
 
-def find_base(store: Any) -> str | None:
-    """The base a store's adapters were trained on, from ``zoo.json`` or ``adapter_config.json``; else None."""
-    candidates: list[Path] = []
-    for entry in store.manifest.get("inputs", []) or []:
-        candidates.append(Path(entry) / "zoo.json")
+def _source_candidates(store: Any) -> list[Path]:
+    """Where a store's provenance may be written: ``zoo.json`` of its inputs, the first adapter's configs."""
+    paths = [Path(entry) / "zoo.json" for entry in store.manifest.get("inputs", []) or []]
     rows = store.rows
     if rows:
         source = Path(rows[0].get("source", ""))
-        candidates += [
-            source.parent / "zoo.json",
-            source / "adapter_config.json",
-            source / "unet" / "adapter_config.json",
-        ]
-    for path in candidates:
+        paths += [source.parent / "zoo.json", source / "adapter_config.json", source / "unet" / "adapter_config.json"]
+    return paths
+
+
+def _records(store: Any) -> list[tuple[Path, dict]]:
+    out = []
+    for path in _source_candidates(store):
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if isinstance(record, dict):
+            out.append((path, record))
+    return out
+
+
+def find_base(store: Any) -> str | None:
+    """The base a store's adapters were trained on, from ``zoo.json`` or ``adapter_config.json``; else None."""
+    for path, record in _records(store):
         if path.name == "zoo.json" and isinstance(record.get("base"), dict):
             return str(record["base"].get("path"))
         ref = record.get("base_model_name_or_path")
@@ -179,18 +186,39 @@ def find_base(store: Any) -> str | None:
 
 
 def zoo_prompt(store: Any) -> str | None:
-    rows = store.rows
-    paths = [Path(e) / "zoo.json" for e in store.manifest.get("inputs", []) or []]
-    if rows:
-        paths.append(Path(rows[0].get("source", "")).parent / "zoo.json")
-    for path in paths:
-        try:
-            prompt = json.loads(path.read_text()).get("prompt")
-        except (OSError, ValueError):
-            continue
-        if isinstance(prompt, str):
-            return prompt
+    """The identity prompt a zoo was trained with (``zoo.json``), or None."""
+    for path, record in _records(store):
+        if path.name == "zoo.json" and isinstance(record.get("prompt"), str):
+            return record["prompt"]
     return None
+
+
+def make_decoder(
+    model: Any, reference: str, layout: Any, prompt: str | None, device: str = "auto", steps: int = 25
+) -> Decoder:
+    """A :class:`Decoder` on a resolved base: family (world bases), default guidance and prompt checked."""
+    from wsa.worlds import get_family
+    from wsa.worlds.family import IDENTITY_TOKEN
+
+    family = getattr(model, "family", None)
+    family = family if isinstance(family, str) else None
+    if prompt is None and family is not None:
+        fam = get_family(family)
+        prompt = fam.prompt(fam.neutral_nuisance().iloc[0], token=IDENTITY_TOKEN)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    prompt = prompt or ""
+    model.tokenizer([prompt])  # unknown words fail here, not mid-analysis
+    return Decoder(
+        model=model,
+        layout=layout,
+        base_ref=reference,
+        prompt=prompt,
+        family=family,
+        device=device,
+        steps=steps,
+        guidance=getattr(model, "default_guidance", 3.0),
+    )
 
 
 def decoder_for_store(
@@ -201,9 +229,6 @@ def decoder_for_store(
     steps: int = 25,
 ) -> Decoder:
     """A :class:`Decoder` for ``store``: base from ``base`` or :func:`find_base`, prompt from the zoo."""
-    from wsa.worlds import get_family
-    from wsa.worlds.family import IDENTITY_TOKEN
-
     reference = base or find_base(store)
     if reference is None:
         raise ConfigError(
@@ -211,17 +236,4 @@ def decoder_for_store(
             "base_model_name_or_path naming one); pass --base builtin:<family> or a base folder"
         )
     model, ref = resolve_base(reference)
-    family = getattr(model, "family", None)
-    if not isinstance(family, str):
-        family = None
-    if prompt is None:
-        prompt = zoo_prompt(store)
-    if prompt is None and family is not None:
-        fam = get_family(family)
-        prompt = fam.prompt(fam.neutral_nuisance().iloc[0], token=IDENTITY_TOKEN)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.tokenizer(["" if prompt is None else prompt])  # unknown words fail here, not mid-analysis
-    return Decoder(
-        model=model, layout=store.layout, base_ref=ref, prompt=prompt or "", family=family, device=device, steps=steps
-    )
+    return make_decoder(model, ref, store.layout, prompt or zoo_prompt(store), device, steps)
