@@ -80,3 +80,20 @@ def test_representations_other_than_raw_use_the_general_reader(tmp_path, monkeyp
     slow, fast = ingest_both([tmp_path / "loras"], tmp_path, monkeypatch, repr="canonical")
     assert_same(slow, fast)
     assert fastpath._templates == {}
+
+
+def test_higher_rank_collection_same_store(tmp_path, monkeypatch):
+    synth_collection(tmp_path / "loras", 6, rank=3, progress=False)
+    slow, fast = ingest_both([tmp_path / "loras"], tmp_path, monkeypatch)
+    assert_same(slow, fast)
+    assert next(iter(fastpath._templates.values())) is not None
+
+
+def test_truncated_file_with_a_known_header_gets_the_general_error(tmp_path, monkeypatch):
+    root = tmp_path / "loras"
+    synth_collection(root, 5, progress=False)
+    w = root / "id_4" / "unet" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])  # same header bytes, data cut short
+    fastpath._templates.clear()
+    with pytest.raises(CollectionError, match="id_4"):
+        wsa.ingest([root], tmp_path / "s", progress=False)

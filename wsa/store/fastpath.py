@@ -31,13 +31,18 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])
 _lock = threading.Lock()
 _DISABLED = os.environ.get("WSA_INGEST_FASTPATH", "1") == "0"  # for benchmarks and bug hunts
 _templates: dict[tuple, _Template | None] = {}
+_layouts: dict[int, tuple[Layout, bool, int]] = {}  # id → (the layout itself, so an id is never reused, facts)
 
 
 @dataclass(frozen=True)
 class _Template:
     copies: tuple[tuple[int, int, np.dtype, int, int], ...]  # (file begin, file end, dtype, row begin, row end)
     header_size: int
-    norm_order: tuple[tuple[int, int, int, int, int, float], ...]  # (up off, up size, down off, down size, r, scale)
+    gather: np.ndarray | None  # all-F32 files: row = data-as-float32[gather], one vectorised copy
+    segment_starts: np.ndarray  # row offsets of every part, ascending (the parts tile the row)
+    rank1: tuple[tuple[int, int, float], ...]  # rank-1 modules in layout order: (up segment, down segment, scale)
+    general: tuple[tuple[int, int, int, int, int, float], ...]  # else: (up off, up size, down off, down size, r, scale)
+    data_end: int  # bytes a file must have
 
 
 def _read(path: Path) -> tuple[bytes, int] | None:
@@ -80,20 +85,48 @@ def _build_template(header: dict, layout: Layout, header_size: int, norm_names: 
     by_name = {m.name: m for m in layout.modules}
     if sorted(norm_names) != sorted(by_name):
         return None
-    order = []
-    for name in norm_names:
-        m = by_name[name]
-        parts = {p.name: p for p in m.parts}
-        order.append(
-            (parts["up"].offset, parts["up"].size, parts["down"].offset, parts["down"].size, m.rank, float(m.scale))
-        )
-    return _Template(tuple(copies), header_size, tuple(order))
+    starts = sorted(p.offset for m in layout.modules for p in m.parts)
+    segment = {offset: i for i, offset in enumerate(starts)}
+    parts = [(by_name[name], {p.name: p for p in by_name[name].parts}) for name in norm_names]
+    if all(m.rank == 1 for m, _ in parts):
+        rank1 = [(segment[p["up"].offset], segment[p["down"].offset], float(m.scale)) for m, p in parts]
+        general = []
+    else:
+        rank1 = []
+        general = [
+            (p["up"].offset, p["up"].size, p["down"].offset, p["down"].size, m.rank, float(m.scale)) for m, p in parts
+        ]
+    gather = None
+    data_start = 8 + header_size
+    if all(dtype == np.float32 for _, _, dtype, _, _ in copies) and data_start % 4 == 0:
+        n_features = sum(r1 - r0 for _, _, _, r0, r1 in copies)
+        gather = np.empty(n_features, dtype=np.intp)
+        for begin, _end, _, r0, r1 in copies:
+            first = (begin - data_start) // 4
+            gather[r0:r1] = np.arange(first, first + (r1 - r0))
+    return _Template(
+        copies=tuple(copies),
+        header_size=header_size,
+        gather=gather,
+        segment_starts=np.asarray(starts, dtype=np.intp),
+        rank1=tuple(rank1),
+        general=tuple(general),
+        data_end=max((end for _, end, _, _, _ in copies), default=data_start),
+    )
 
 
 def _norm(row: np.ndarray, template: _Template) -> float:
-    """The same float64 arithmetic, in the same module order, as ``representations.delta_norm``."""
+    """``representations.delta_norm`` of the row's adapter, with bit-identical float64 arithmetic.
+
+    Rank-1 modules (every w2w-style zoo): all sums of squares in one ``reduceat`` over the row, then
+    ``s²·(‖b‖²·‖a‖²)`` accumulated in layout order exactly as the general reader does per module.
+    """
     total = 0.0
-    for up_off, up_size, down_off, down_size, r, scale in template.norm_order:
+    if template.rank1:
+        sums = np.add.reduceat(np.square(row.astype(np.float64)), template.segment_starts).tolist()
+        for up, down, scale in template.rank1:
+            total += scale**2 * (sums[up] * sums[down])
+    for up_off, up_size, down_off, down_size, r, scale in template.general:
         b = row[up_off : up_off + up_size].astype(np.float64).reshape(-1, r)
         a = row[down_off : down_off + down_size].astype(np.float64).reshape(r, -1)
         total += scale**2 * float(np.sum((b.T @ b) * (a @ a.T)))
@@ -101,17 +134,34 @@ def _norm(row: np.ndarray, template: _Template) -> float:
 
 
 def _apply(data: bytes, template: _Template, n_features: int) -> np.ndarray:
+    if template.gather is not None:
+        start = 8 + template.header_size
+        values = np.frombuffer(data, dtype=np.float32, count=(template.data_end - start) // 4, offset=start)
+        return values[template.gather]
     row = np.empty(n_features, dtype=np.float32)
     for begin, end, dtype, r0, r1 in template.copies:
         row[r0:r1] = np.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin)
     return row
 
 
-def _layout_key(layout: Layout) -> int:
-    return hash(tuple((m.name, m.scale, tuple((p.name, p.offset, p.shape) for p in m.parts)) for m in layout.modules))
+def _layout_facts(layout: Layout) -> tuple[bool, int]:
+    """(plain raw LoRA?, hash of what a template depends on), computed once per layout object."""
+    with _lock:
+        cached = _layouts.get(id(layout))
+    if cached is not None and cached[0] is layout:
+        return cached[1], cached[2]
+    plain = _plain_lora_layout(layout)
+    key = hash(tuple((m.name, m.scale, tuple((p.name, p.offset, p.shape) for p in m.parts)) for m in layout.modules))
+    with _lock:
+        if len(_layouts) > 64:
+            _layouts.clear()
+        _layouts[id(layout)] = (layout, plain, key)
+    return plain, key
 
 
 def _fast(src, config: bytes, data: bytes, template: _Template, layout: Layout) -> tuple[dict, np.ndarray] | None:
+    if len(data) < template.data_end:
+        return None  # truncated: the general reader says so
     row = _apply(data, template, layout.n_features)
     if not np.isfinite(row).all():
         return None  # the general reader names the tensor and the problem
@@ -139,7 +189,10 @@ def encode_fast(src, layout: Layout, slow) -> tuple[dict, np.ndarray | None] | N
     new (config, header) pair, and the template is kept only if it reproduces that file's row and facts
     exactly.
     """
-    if _DISABLED or src.row is not None or len(src.files) != 2 or not _plain_lora_layout(layout):
+    if _DISABLED or src.row is not None or len(src.files) != 2:
+        return None
+    plain, layout_key = _layout_facts(layout)
+    if not plain:
         return None
     config_path, weights_path = src.files
     if config_path.name != "adapter_config.json" or weights_path.suffix != ".safetensors":
@@ -152,7 +205,7 @@ def encode_fast(src, layout: Layout, slow) -> tuple[dict, np.ndarray | None] | N
     if got is None:
         return None
     data, header_size = got
-    key = (_layout_key(layout), config_bytes, data[8 : 8 + header_size])
+    key = (layout_key, config_bytes, data[8 : 8 + header_size])
     with _lock:
         known = key in _templates
         template = _templates.get(key)

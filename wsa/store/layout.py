@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 REPRESENTATIONS = ("raw", "delta", "canonical")
@@ -47,7 +48,7 @@ class ModuleLayout:
     def offset(self) -> int:
         return self.parts[0].offset
 
-    @property
+    @cached_property  # read per row by the ingest fast path; the dataclass is frozen, so it never goes stale
     def size(self) -> int:
         return sum(p.size for p in self.parts)
 
@@ -65,7 +66,7 @@ class Layout:
     repr: str
     modules: tuple[ModuleLayout, ...]
 
-    @property
+    @cached_property
     def n_features(self) -> int:
         return sum(m.size for m in self.modules)
 

@@ -157,17 +157,30 @@ def delta_norm(adapter: Adapter) -> float:
     """Frobenius norm of the whole adapter's ΔW (DoRA modules: of their direction update).
 
     Plain LoRA uses ``‖s·B·A‖² = s²·Σ (BᵀB) ⊙ (AAᵀ)`` (r × r Gram matrices, numpy float64), so no
-    dense ΔW is formed.
+    dense ΔW is formed; at rank 1 that is ``s²·‖b‖²·‖a‖²`` with the sums of squares taken by
+    :func:`sum_of_squares`, the arithmetic the ingest fast path repeats for a whole row at once.
     """
     total = 0.0
     for mod in adapter.modules.values():
         if mod.kind == "lora" and "mid" not in mod.tensors:
             b = _np64(mod.tensors["up"]).reshape(mod.tensors["up"].shape[0], -1)
             a = _np64(mod.tensors["down"]).reshape(mod.tensors["down"].shape[0], -1)
-            total += mod.scale**2 * float(np.sum((b.T @ b) * (a @ a.T)))
+            if a.shape[0] == 1:
+                total += mod.scale**2 * (sum_of_squares(b.ravel()) * sum_of_squares(a.ravel()))
+            else:
+                total += mod.scale**2 * float(np.sum((b.T @ b) * (a @ a.T)))
         else:
             total += float(mod.direction_delta().double().square().sum())
     return math.sqrt(max(total, 0.0))
+
+
+def sum_of_squares(x: np.ndarray) -> float:
+    """Σ x² of a float64 vector, summed left to right.
+
+    Why this form: ``np.add.reduceat`` over the segments of a whole row gives bit-identical sums
+    (``np.sum`` is pairwise and would not), so the fast path's vectorised norms equal these exactly.
+    """
+    return float(np.add.reduceat(np.square(x), [0])[0]) if x.size else 0.0
 
 
 def _np64(t: torch.Tensor) -> np.ndarray:
