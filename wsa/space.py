@@ -32,7 +32,9 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,8 @@ SOLVERS = ("auto", "exact", "randomized", "streaming")
 EXACT_MAX_DIM = 4000
 #: Rows per block default to about this many bytes of float32 data.
 _BLOCK_BYTES = 64 * 2**20
+_GPU_BLOCK_BYTES = 256 * 2**20  # float32 blocks made from the GPU copy
+_FOLD_ELEMENTS = 2**28  # float32 partial sums of X̃ᵀq are folded into float64 after this many products
 _TENSOR_NAMES = ("mean", "scale", "components", "singular_values", "explained_variance", "coefficients")
 #: ``n_components_for`` counts a fraction as reached within this much (float32 data cannot do better).
 _FRACTION_TOL = 1e-6
@@ -304,8 +308,13 @@ class _Source:
     def d(self) -> int:
         return int(self.matrix.shape[1])
 
-    def blocks(self, block_rows: int) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
-        """``(start, float32 block)`` in row order; each block is a fresh writable array the caller owns."""
+    def blocks(self, block_rows: int, owned: bool = True) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        """``(start, float32 block)`` in row order.
+
+        ``owned``: each block is a fresh writable array the caller may change (the CPU solvers centre in
+        place). ``owned=False`` hands out views where it can — for callers that only copy the block
+        elsewhere (to a GPU), so a matrix in host memory is not copied twice.
+        """
         if self.store is not None:
             it: Iterable[tuple[int, np.ndarray]] = self.store.iter_blocks(block_rows, rows=self.rows)
         else:
@@ -321,7 +330,7 @@ class _Source:
         for start, block in it:
             out = np.asarray(block, dtype=np.float32)
             # A float32 memory map comes back as a read-only view; the solvers center blocks in place.
-            yield start, (out if out.flags.writeable and out.flags.owndata else np.array(out, dtype=np.float32))
+            yield start, (out if not owned or (out.flags.writeable and out.flags.owndata) else np.array(out))
 
 
 def _make_source(store_or_matrix: Store | np.ndarray, rows: Sequence[int] | np.ndarray | None) -> _Source:
@@ -434,6 +443,28 @@ def _standardization(mom: _Moments, center: bool, standardize: bool, where: str)
 # --------------------------------------------------------------------------------------------- solvers
 
 
+class _Clock:
+    """Seconds (and, on CUDA, the running peak of allocated GPU memory) at the end of each phase of a fit.
+
+    Why: a fit's total time says little about where to look; the phases go into ``config["phases"]``.
+    The peak is read, never reset, so callers measuring around ``fit_space`` still see the whole fit.
+    """
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self.phases: dict[str, dict[str, float]] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        entry: dict[str, float] = {}
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            entry["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.dev) / 2**30, 3)
+        now = time.perf_counter()
+        self.phases[name] = {"seconds": round(now - self._last, 3), **entry}
+        self._last = now
+
+
 def _orth(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(a, mode="reduced").Q
 
@@ -447,19 +478,62 @@ def _randomized_svd(
     n_iter: int,
     seed: int,
     device: torch.device,
+    clock: _Clock | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` right singular vectors (float64, (k, D)) and values of X̃, given ``X̃ @ ·`` and ``X̃ᵀ @ ·``.
 
     Halko et al. 2011, Alg. 4.4 (subspace iteration). Ω is drawn on the CPU from ``seed`` so every device
-    and every solver path starts from the same sketch.
+    and every solver path starts from the same sketch. On CUDA the range-finding products run in TF32:
+    they only choose the subspace, and the projection that gives the components and singular values
+    runs in full float32 with a float64 sum.
     """
     omega = torch.randn(d, n_columns, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    q = _orth(matmul(omega.to(device)))
-    for _ in range(n_iter):
-        q = _orth(matmul(_orth(rmatmul(q, torch.float32))))
+    with _tf32(device):
+        q = _orth(matmul(omega.to(device)))
+        del omega
+        for _ in range(n_iter):
+            q = _orth(matmul(_orth(rmatmul(q, torch.float32))))
+    if clock is not None:
+        clock.lap("range")
     b = rmatmul(q, torch.float64).T  # l × D, accumulated in float64
-    _, s, vt = torch.linalg.svd(b, full_matrices=False)
-    return vt[:k], s[:k]
+    del q
+    if clock is not None:
+        clock.lap("projection")
+    vt, s = _wide_svd(b, k)
+    if clock is not None:
+        clock.lap("small_svd")
+    return vt, s
+
+
+@contextmanager
+def _tf32(device: torch.device) -> Iterator[None]:
+    """TF32 float32 matmuls inside the block (CUDA only), the caller's setting restored afterwards."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _wide_svd(b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` right singular vectors ((k, D)) and values of a wide ``l × D`` matrix.
+
+    Why not ``torch.linalg.svd(b)``: on CUDA it needs several ``l × D`` work arrays (1.8 GiB more at
+    w2w's shape, which broke a 16 GB budget). ``bᵀ = Q·R`` (Householder, stable) and the SVD of the
+    ``l × l`` R give the same factors: ``R = U·S·Vᵀ`` ⇒ ``b = V·S·(Q·U)ᵀ``, so the right singular
+    vectors are the columns of ``Q·U``.
+    """
+    n_rows, d = b.shape
+    if d <= 2 * n_rows:
+        _, s, vt = torch.linalg.svd(b, full_matrices=False)
+        return vt[:k], s[:k]
+    q, r = torch.linalg.qr(b.T, mode="reduced")
+    u, s, _ = torch.linalg.svd(r, full_matrices=False)
+    return (q @ u[:, :k]).T, s[:k]
 
 
 def _exact_svd(X: np.ndarray, k: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -667,6 +741,7 @@ def fit_space(
     n_columns = min(k + int(n_oversamples), n, d)
     where = str(source.store.path) if source.store is not None else "matrix"
 
+    clock = _Clock(dev)
     n_blocks = math.ceil(n / step)
     passes = 4 + 2 * int(n_iter) if used == "streaming" else 1
     bar = tqdm(
@@ -691,6 +766,7 @@ def fit_space(
                 bar,
                 where,
                 _gpu_cache_bytes(dev, gpu_cache_bytes),
+                clock,
             )
         else:
             X = np.empty((n, d), dtype=np.float32)
@@ -702,18 +778,20 @@ def fit_space(
             std = _standardization(mom, center, standardize, where)
             for start in range(0, n, step):
                 std.apply_(X[start : start + step])
+            clock.lap("load")
             if used == "exact":
                 vt, s = _exact_svd(X, k, dev, seed)
             else:
                 xt = torch.from_numpy(X).to(dev)
                 vt, s = _randomized_svd(
-                    lambda w: xt @ w, lambda q, dt: (xt.T @ q).to(dt), d, k, n_columns, int(n_iter), seed, dev
+                    lambda w: xt @ w, lambda q, dt: (xt.T @ q).to(dt), d, k, n_columns, int(n_iter), seed, dev, clock
                 )
                 del xt
             vt = _flip_signs(vt)
             components = vt.to(torch.float32).cpu().numpy()
             coefficients = X @ components.T
             del X
+            clock.lap("coefficients")
     if used == "streaming":
         components = vt.to(torch.float32).cpu().numpy()
     s64 = s.to(torch.float64).cpu().numpy()
@@ -744,6 +822,7 @@ def fit_space(
         "rows_subset": rows is not None,
         "versions": {"wsa": __version__, "numpy": np.__version__, "torch": torch.__version__},
         "elapsed_s": round(time.perf_counter() - t0, 3),
+        "phases": clock.phases,
     }
     return Space(
         mean=std.mean,
@@ -772,6 +851,7 @@ def _fit_streaming(
     bar: tqdm,
     where: str,
     gpu_cache_bytes: int = 0,
+    clock: _Clock | None = None,
 ) -> tuple[_Standardization, torch.Tensor, torch.Tensor, np.ndarray]:
     """Out-of-core randomized SVD: every product with X̃ is a pass over blocks; X̃ is never held whole.
 
@@ -781,13 +861,14 @@ def _fit_streaming(
     crossing the host link again (exact centring and scaling are applied on the fly in float32).
     """
     n, d = source.n, source.d
+    clock = clock or _Clock(dev)
     mom = _Moments(d)
     cache: torch.Tensor | None = None
     shift = spread = None
     if dev.type == "cuda" and gpu_cache_bytes > 0 and n * d * 2 <= gpu_cache_bytes:
         cache = torch.empty(n, d, dtype=torch.float16, device=dev)
-    for start, block in source.blocks(step):
-        xb = torch.from_numpy(block).to(dev) if dev.type == "cuda" else block
+    for start, block in source.blocks(step, owned=dev.type != "cuda"):
+        xb = _to_device(block, dev) if dev.type == "cuda" else block
         mom.update(xb)
         if cache is not None:
             xf = xb.float()
@@ -810,12 +891,15 @@ def _fit_streaming(
 
     def blocks() -> Iterator[tuple[int, torch.Tensor]]:
         if cache is not None:
-            for start in range(0, n, step):
-                yield start, cache[start : start + step].float() * factor + offset
-                bar.update()
+            # Larger blocks than the host reads (~256 MB of float32): fewer, fuller GEMMs.
+            rows = max(step, _GPU_BLOCK_BYTES // (4 * d))
+            for start in range(0, n, rows):
+                xb = cache[start : start + rows].float()
+                yield start, xb.mul_(factor).add_(offset)
+                bar.update(-(-min(n, start + rows) // step) - (-(-start // step)))
             return
-        for start, block in source.blocks(step):
-            xb = torch.from_numpy(block).to(dev)
+        for start, block in source.blocks(step, owned=dev.type != "cuda"):
+            xb = _to_device(block, dev)
             std.apply_(xb)
             yield start, xb
             bar.update()
@@ -823,20 +907,47 @@ def _fit_streaming(
     def matmul(w: torch.Tensor) -> torch.Tensor:  # X̃ @ w: (n, l)
         out = torch.empty(n, w.shape[1], dtype=torch.float32, device=dev)
         for start, xb in blocks():
-            out[start : start + xb.shape[0]] = xb @ w
+            torch.mm(xb, w, out=out[start : start + xb.shape[0]])
         return out
 
-    def rmatmul(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # X̃ᵀ @ q: (D, l), accumulated in dtype
+    def rmatmul(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # X̃ᵀ @ q: (D, l), summed in dtype
+        part = torch.zeros(d, q.shape[1], dtype=torch.float32, device=dev)
+        if dtype == torch.float32:
+            for start, xb in blocks():
+                part.addmm_(xb.T, q[start : start + xb.shape[0]])
+            return part
+        # float64 sum: float32 partial sums over ~64 M rows' worth of products, folded in as they fill.
         acc = torch.zeros(d, q.shape[1], dtype=dtype, device=dev)
+        rows = 0
         for start, xb in blocks():
-            acc += (xb.T @ q[start : start + xb.shape[0]]).to(dtype)
-        return acc
+            part.addmm_(xb.T, q[start : start + xb.shape[0]])
+            rows += xb.shape[0]
+            if rows * d >= _FOLD_ELEMENTS:
+                acc += part
+                part.zero_()
+                rows = 0
+        return acc.add_(part)
 
-    vt, s = _randomized_svd(matmul, rmatmul, d, k, n_columns, n_iter, seed, dev)
+    clock.lap("first_pass")
+    vt, s = _randomized_svd(matmul, rmatmul, d, k, n_columns, n_iter, seed, dev, clock)
     vt = _flip_signs(vt)
     components = vt.to(torch.float32)
     coefficients = matmul(components.T).cpu().numpy()
+    clock.lap("coefficients")
     return std, vt, s, coefficients
+
+
+def _to_device(block: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """A host block on ``dev``, without an extra host copy of a read-only view (it is only read).
+
+    ``non_blocking``: from page-locked memory (a pinned tensor's ``.numpy()``) the copy overlaps the
+    next block's work; from ordinary memory CUDA copies synchronously either way.
+    """
+    if dev.type != "cuda":
+        return torch.from_numpy(block)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(block).to(dev, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
