@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,12 @@ class Store:
                 run = 1
                 while k + run < len(idx) and idx[k + run] == idx[k] + run:
                     run += 1
-                data = os.pread(fd, run * row_bytes, self._data_offset + int(idx[k]) * row_bytes)
-                out[k : k + run] = np.frombuffer(data, dtype=dtype).reshape(run, self.n_features)
+                offset = self._data_offset + int(idx[k]) * row_bytes
+                if dtype == np.float32:  # straight into the result: one copy, not two
+                    _pread_into(fd, memoryview(out[k : k + run]).cast("B"), offset, self.matrix_path)
+                else:
+                    data = os.pread(fd, run * row_bytes, offset)
+                    out[k : k + run] = np.frombuffer(data, dtype=dtype).reshape(run, self.n_features)
                 k += run
         finally:
             os.close(fd)
@@ -147,14 +152,43 @@ class Store:
             return fh.tell()
 
     def iter_blocks(self, block_rows: int = 1024, rows: Sequence[int] | None = None):
-        """Yield ``(start, float32 block)`` over the matrix in bounded memory (for streaming solvers)."""
+        """Yield ``(start, float32 block)`` over the matrix in bounded memory (for streaming solvers).
+
+        The next block is read by a background thread while the caller works on this one (``pread``
+        and BLAS both release the GIL), so a pass costs about max(read, compute), not their sum;
+        at most two blocks are in memory.
+        """
         n = len(self) if rows is None else len(rows)
-        for start in range(0, n, block_rows):
+        starts = range(0, n, block_rows)
+
+        def read(start: int) -> np.ndarray:
             idx = range(start, min(start + block_rows, n)) if rows is None else rows[start : start + block_rows]
-            yield start, self.read_rows(idx)
+            return self.read_rows(idx)
+
+        if len(starts) < 2:
+            for start in starts:
+                yield start, read(start)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsa-read") as pool:
+            ahead = pool.submit(read, starts[0])
+            for i, start in enumerate(starts):
+                block = ahead.result()
+                if i + 1 < len(starts):
+                    ahead = pool.submit(read, starts[i + 1])
+                yield start, block
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, n_rows={len(self)}, n_features={self.n_features}, repr={self.repr!r})"
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset`` (``preadv`` may return short counts)."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise StoreError(f"matrix file ends early (wanted {len(buffer)} bytes at offset {offset})", path)
+        done += got
 
 
 def open_store(path: str | Path) -> Store:
