@@ -185,6 +185,9 @@ class Analyzer:
     reference: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
     requires_decoder: ClassVar[bool] = False  # needs ``ctx.decoder`` (``wsa analyze --decode``)
+    # Reads ``space.components``/``mean``/``scale`` or maps through them; False for analyzers that work
+    # from coefficients alone, which also run on a ΔW space fitted from factor Grams (``--repr delta``).
+    requires_components: ClassVar[bool] = True
     _parameter_constraints: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
     @classmethod

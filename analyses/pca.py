@@ -18,12 +18,15 @@ from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result,
 def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: int = 2048) -> np.ndarray:
     """Per fitted row: ``‖x̃ − x̂_k‖² / ‖x̃‖²`` in the (centered, scaled) space with the first ``k`` PCs."""
     space = ctx.space
-    index = {rid: i for i, rid in enumerate(ctx.store.ids)}
-    rows = [index[rid] for rid in space.ids]
-    total = np.empty(len(rows), dtype=np.float64)
-    for start, block in ctx.store.iter_blocks(block_rows, rows=rows):
-        z = (block - space.mean) / space.scale
-        total[start : start + len(block)] = np.einsum("ij,ij->i", z, z, dtype=np.float64)
+    if getattr(space, "explicit", True):
+        index = {rid: i for i, rid in enumerate(ctx.store.ids)}
+        rows = [index[rid] for rid in space.ids]
+        total = np.empty(len(rows), dtype=np.float64)
+        for start, block in ctx.store.iter_blocks(block_rows, rows=rows):
+            z = (block - space.mean) / space.scale
+            total[start : start + len(block)] = np.einsum("ij,ij->i", z, z, dtype=np.float64)
+    else:  # ΔW space from factor Grams: ‖ΔW_i − mean‖² is the centred Gram's diagonal
+        total = np.asarray(space.row_sq_norms, dtype=np.float64)
     coef = space.coefficients[:, :k]
     kept = np.einsum("ij,ij->i", coef, coef, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -33,6 +36,7 @@ def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: i
 @register_analyzer
 class PCA(Analyzer):
     name: ClassVar[str] = "pca"
+    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Principal components: the subspace"
     reference: ClassVar[str] = (
         "Dravid et al., Interpreting the Weight Space of Customized Diffusion Models, arXiv 2406.09413"
@@ -57,7 +61,7 @@ class PCA(Analyzer):
 
         self._validate_params()
         space = ctx.space
-        self.k_ = int(space.components.shape[0])
+        self.k_ = int(space.n_components)
         self.ratio_ = np.asarray(space.explained_variance_ratio, dtype=np.float64)
         self.cumulative_ = np.cumsum(self.ratio_)
         self.needed_ = {f"{int(f * 100)}%": space.n_components_for(f) for f in (0.9, 0.95, 0.99)}
@@ -71,7 +75,7 @@ class PCA(Analyzer):
             k_max = min(self.k_, int(n * (1 - self.heldout_fraction)) - 1)
             ks = self.heldout_ks or sorted({int(k) for k in np.unique(np.geomspace(1, max(k_max, 1), num=12).round())})
             ks = [k for k in ks if k <= k_max]
-            if ks:
+            if ks and getattr(space, "explicit", True):
                 self.heldout_ = heldout_reconstruction(
                     ctx.store,
                     ks,
@@ -79,6 +83,17 @@ class PCA(Analyzer):
                     random_state=ctx.random_state,
                     center=bool(space.config.get("center", True)),
                     standardize=bool(space.config.get("standardize", False)),
+                    progress=ctx.progress,
+                )
+            elif ks:  # ΔW space from factor Grams: the same test in dual form (kernel PCA on the train Gram)
+                from wsa.gram import heldout_reconstruction_gram
+
+                self.heldout_ = heldout_reconstruction_gram(
+                    ctx.store,
+                    ks,
+                    test_fraction=self.heldout_fraction,
+                    random_state=ctx.random_state,
+                    device=str(space.config.get("device", "cpu")),
                     progress=ctx.progress,
                 )
         return self

@@ -124,6 +124,7 @@ class Probes(Analyzer):
     """
 
     name: ClassVar[str] = "probes"
+    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Attribute probes and edit directions"
     reference: ClassVar[str] = (
         "Dravid et al., Interpreting the Weight Space of Customized Diffusion Models, arXiv 2406.09413 (Sec. 3.2)"
@@ -241,10 +242,12 @@ class Probes(Analyzer):
         score_std = np.std(z @ directions.T, axis=0, ddof=1)
         debiased_std = np.std(z @ debiased.T, axis=0, ddof=1)
 
-        components = np.asarray(space.components[:k], dtype=np.float32)
-        scale = np.ones(components.shape[1], np.float32) if space.scale is None else np.asarray(space.scale, np.float32)
-        weight = directions.astype(np.float32) @ components
-        debiased_weight = debiased.astype(np.float32) @ components
+        weight = debiased_weight = scale = None  # a ΔW space fitted from Grams has no components to map through
+        if getattr(space, "explicit", True):
+            components = np.asarray(space.components[:k], dtype=np.float32)
+            scale = np.asarray(space.scale, np.float32)
+            weight = directions.astype(np.float32) @ components
+            debiased_weight = debiased.astype(np.float32) @ components
 
         self.feature_scale_ = feature_scale
         self.infos_ = infos
@@ -269,7 +272,7 @@ class Probes(Analyzer):
         self.warnings_ = warnings
 
         ctx.artifacts["probes"] = self.artifacts()
-        if ctx.out is not None:
+        if ctx.out is not None and weight is not None:
             self.save_directions(Path(ctx.out) / "space")
         return self
 
@@ -588,7 +591,9 @@ class Probes(Analyzer):
                     "attribute": attr,
                     "kind": self.infos_[attr].kind,
                     "ls_norm": float(self.ls_norm_[i]),
-                    "raw_weight_norm": float(np.linalg.norm(self.weight_directions_[i] * self.raw_scale_)),
+                    "raw_weight_norm": np.nan
+                    if self.weight_directions_ is None
+                    else float(np.linalg.norm(self.weight_directions_[i] * self.raw_scale_)),
                     "score_std": float(self.score_std_[i]),
                     "debiased_score_std": float(self.debiased_score_std_[i]),
                     "cos_ls_probe": float(self.directions_[i] @ self.probe_directions_[i]),

@@ -101,11 +101,34 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def resolve_store(inputs: Sequence[str | Path], cache: Path, repr: str, progress: bool, client: Any = None) -> Store:
-    """A store given as input is used as is; adapter files/folders are ingested into ``cache``."""
+def _input_store(inputs: Sequence[str | Path]) -> Path | None:
     paths = [Path(p) for p in inputs]
-    if len(paths) == 1 and (paths[0] / MANIFEST).is_file():
+    return paths[0] if len(paths) == 1 and (paths[0] / MANIFEST).is_file() else None
+
+
+def uses_gram_route(inputs: Sequence[str | Path], repr: str) -> bool:
+    """``--repr delta`` on adapter files or on a raw/canonical store: PCA of ΔW from factor Grams.
+
+    Why: ΔW is ~280× the factors at Stable Diffusion scale (7 TB for w2w's 65 k adapters), so wsa
+    ingests the gauge-fixed factors (``canonical``, same size as ``raw``) and takes ⟨ΔW_i, ΔW_j⟩ from
+    them (:mod:`wsa.gram`). Only a store that already holds dense ΔW is fitted directly.
+    """
+    if repr != "delta":
+        return False
+    store = _input_store(inputs)
+    return store is None or open_store(store).repr in ("raw", "canonical")
+
+
+def resolve_store(inputs: Sequence[str | Path], cache: Path, repr: str, progress: bool, client: Any = None) -> Store:
+    """A store given as input is used as is; adapter files/folders are ingested into ``cache``.
+
+    ``repr="delta"`` ingests ``canonical`` factors (see :func:`uses_gram_route`), never dense ΔW.
+    """
+    paths = [Path(p) for p in inputs]
+    if _input_store(paths) is not None:
         return open_store(paths[0])
+    if repr == "delta":
+        repr = "canonical"
     if client is not None:
         from wsa.dask_engine import ChunkedExecutor
 
@@ -141,9 +164,24 @@ def run_analysis(
 
     config = config or AnalyzeConfig()
     out = Path(out)
+    gram = uses_gram_route(inputs, config.repr)
+    early_warnings: list[str] = []
     names = config.analyzers or [
         n for n in available_analyzers() if config.decode or not getattr(get_analyzer(n), "requires_decoder", False)
     ]
+    if gram:
+        explicit_only = [n for n in names if getattr(get_analyzer(n), "requires_components", True)]
+        if config.analyzers and explicit_only:
+            raise ConfigError(
+                f"analyzer(s) {explicit_only} need explicit components, which a ΔW space fitted from factor Grams "
+                "(--repr delta) does not have; use --repr canonical (gauge-fixed factors) for them"
+            )
+        names = [n for n in names if n not in explicit_only]
+        early_warnings += [
+            f"{n}: skipped (needs explicit components; the ΔW space from factor Grams has none — "
+            "run with --repr canonical for it)"
+            for n in explicit_only
+        ]
     needing = [n for n in names if getattr(get_analyzer(n), "requires_decoder", False)]
     if needing and not config.decode:
         raise ConfigError(f"analyzer(s) {needing} decode images; add --decode (and --base if it cannot be found)")
@@ -171,7 +209,12 @@ def run_analysis(
             raise ConfigError(f"{store.path}: {len(store)} adapters; an analysis needs at least 3")
         k = min(config.n_components, len(store) - 1, store.n_features)
         t0 = time.perf_counter()
-        if client is not None:
+        if gram:
+            from wsa.gram import fit_delta_gram
+            from wsa.space import _resolve_device
+
+            space = fit_delta_gram(store, k, device=str(_resolve_device(config.device)), progress=progress)
+        elif client is not None:
             from wsa.dask_engine import fit_space_dask
 
             space = fit_space_dask(
@@ -194,11 +237,12 @@ def run_analysis(
                 progress=progress,
             )
     space.save(out / "space")
-    _record_decoding(out / "space", store, config)
+    if space.explicit:
+        _record_decoding(out / "space", store, config)
     timings["space"] = time.perf_counter() - t0
     labels = load_labels(config.labels, list(space.ids)) if config.labels else None
     decoder = None
-    if config.decode:
+    if config.decode and any(a.requires_decoder for a in analyzers):
         from wsa.decoding.decoder import decoder_for_store
 
         decoder = decoder_for_store(store, config.base, config.device, steps=config.decode_steps)
@@ -214,7 +258,7 @@ def run_analysis(
         progress=progress,
     )
     results: list[Result] = []
-    warnings: list[str] = []
+    warnings: list[str] = list(early_warnings)
     for analyzer in analyzers:
         if analyzer.requires_labels and labels is None:
             warnings.append(f"{analyzer.name}: skipped (needs --labels)")
@@ -260,8 +304,8 @@ def _headline(store, space, results: Mapping[str, Result], warnings: list[str], 
     head: dict[str, Any] = {
         "adapters": len(store),
         "features": store.n_features,
-        "representation": store.repr,
-        "components kept": int(space.components.shape[0]),
+        "representation": "delta (from factor Grams)" if not space.explicit else store.repr,
+        "components kept": int(space.n_components),
         "PCs for 95% variance": space.n_components_for(0.95),
     }
     probes = results.get("probes")

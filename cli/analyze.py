@@ -40,7 +40,8 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     "--repr",
     "representation",
     type=click.Choice(["raw", "canonical", "delta"]),
-    help="Representation when ingesting adapter folders [default: raw].",
+    help="raw: factors as stored (w2w); canonical: gauge-fixed factors; delta: PCA of ΔW = B·A, taken from "
+    "the factors' Gram products so ΔW is never formed (coefficient-based analyzers only) [default: raw].",
 )
 @click.option(
     "--solver",

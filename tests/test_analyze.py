@@ -147,3 +147,30 @@ def test_every_analyzer_follows_the_contract() -> None:
         assert cls().set_params(**params).get_params() == params  # params stored unchanged
         with pytest.raises(wsa.WsaError, match="not fitted"):
             analyzer.result()
+
+
+def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: Path) -> None:
+    """`--repr delta` never materialises ΔW: the store holds canonical factors, and the spectrum, per-model
+    errors and held-out test equal those of PCA on the materialised ΔW."""
+    from wsa.space import fit_space, heldout_reconstruction
+
+    synth_collection(tmp_path / "loras", 40, seed=2, modules=MODULES, n_factors=4, a_jitter=0.3, progress=False)
+    labels = str(tmp_path / "loras" / "attributes.csv")
+    config = AnalyzeConfig(n_components=10, repr="delta", labels=labels, analyzer_params=FAST)
+    run_analysis([tmp_path / "loras"], tmp_path / "report", config, progress=False)
+    results = json.loads((tmp_path / "report" / "results.json").read_text())
+    store = wsa.open_store(tmp_path / "report" / "store")
+    raw = wsa.ingest([tmp_path / "loras"], tmp_path / "raw", progress=False)
+    assert store.repr == "canonical" and store.n_features == raw.n_features  # factors, not ΔW
+    delta = wsa.ingest([tmp_path / "loras"], tmp_path / "delta", repr="delta", progress=False)
+    ref = fit_space(delta, 10, solver="exact", progress=False)
+    pca = next(r for r in results["results"] if r["analyzer"] == "pca")["data"]
+    np.testing.assert_allclose(pca["explained_variance_ratio"], ref.explained_variance_ratio, rtol=1e-4, atol=1e-7)
+    ks = pca["heldout"]["k"]
+    held = heldout_reconstruction(delta, ks, test_fraction=0.2, random_state=0, solver="exact", progress=False)
+    np.testing.assert_allclose(pca["heldout"]["heldout_error"], held["heldout_error"], atol=1e-4)
+    ran = {r["analyzer"] for r in results["results"]}
+    assert {"pca", "probes", "manifold", "sampling"} <= ran and not ran & {"layers", "interpolation", "outliers"}
+    assert any("layers: skipped" in w for w in results["run"]["warnings"])
+    with pytest.raises(ConfigError, match="explicit components"):
+        run_analysis([tmp_path / "loras"], tmp_path / "r2", AnalyzeConfig(repr="delta", analyzers=["layers"]))

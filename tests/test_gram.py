@@ -62,7 +62,45 @@ def test_gram_is_gauge_invariant(stores):
     np.testing.assert_allclose(gram_block(moved, moved, layout), gram_block(rows, rows, layout), rtol=1e-4)
 
 
-def test_gram_needs_lora_factors(stores):
-    _, delta = stores
-    with pytest.raises(ConfigError, match="plain LoRA"):
-        fit_delta_gram(delta, 3, progress=False)
+def test_gram_reads_dense_modules_of_a_delta_store(stores):
+    raw, delta = stores
+    from_factors = fit_delta_gram(raw, 4, progress=False)
+    from_dense = fit_delta_gram(delta, 4, progress=False)
+    np.testing.assert_allclose(from_dense.explained_variance, from_factors.explained_variance, rtol=1e-4)
+    np.testing.assert_allclose(from_dense.row_sq_norms, from_factors.row_sq_norms, rtol=1e-4)
+
+
+def test_gram_refuses_factors_it_cannot_read():
+    from wsa.store.layout import Layout, ModuleLayout, Part
+
+    parts = (Part("hada_w1_a", (4, 2), 0), Part("hada_w1_b", (2, 4), 8), Part("hada_w2_a", (4, 2), 16))
+    layout = Layout("raw", (ModuleLayout("m", "loha", (4, 4), 2, 1.0, parts),))
+    rows = np.zeros((2, 24), np.float32)
+    with pytest.raises(ConfigError, match="--repr canonical"):
+        gram_block(rows, rows, layout)
+
+
+def test_heldout_in_dual_form_equals_the_explicit_test(stores):
+    from wsa.gram import heldout_reconstruction_gram
+    from wsa.space import heldout_reconstruction
+
+    raw, delta = stores
+    ks = [1, 3, 6]
+    dual = heldout_reconstruction_gram(raw, ks, test_fraction=0.25, random_state=3, block_rows=7, progress=False)
+    ref = heldout_reconstruction(delta, ks, test_fraction=0.25, random_state=3, solver="exact", progress=False)
+    assert dual["heldout_ids"] == ref["heldout_ids"] and dual["n_train"] == ref["n_train"]
+    np.testing.assert_allclose(dual["train_error"], ref["train_error"], atol=1e-4)
+    np.testing.assert_allclose(dual["heldout_error"], ref["heldout_error"], atol=1e-4)
+    assert dual["heldout_error"][-1] < dual["heldout_error"][0]  # planted structure: error falls with k
+
+
+def test_delta_space_saves_and_applications_refuse_it(stores, tmp_path):
+    from wsa.errors import StoreError
+    from wsa.space import Space
+
+    raw, _ = stores
+    dual = fit_delta_gram(raw, 4, progress=False)
+    dual.save(tmp_path / "space")
+    assert dual.n_components_for(0.5) is not None and not dual.explicit
+    with pytest.raises(StoreError, match="no explicit components"):
+        Space.load(tmp_path / "space")

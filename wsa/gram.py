@@ -16,18 +16,31 @@ modules, blockwise (bounded memory: two row blocks at a time, K itself N² float
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from wsa.errors import ConfigError
+from wsa.space import SPACE_JSON, _physical_memory, components_for
+
+DELTA_SPACE_TENSORS = "delta_space.safetensors"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DeltaSpace:
-    """PCA of ΔW in dual form.
+    """PCA of ΔW in dual form: what ``wsa analyze --repr delta`` fits, with no component matrix.
+
+    It answers the questions :class:`~wsa.space.Space` answers from coefficients (spectrum, PCs for
+    x %, per-model residuals, probes, maps, sampling statistics); analyzers that need explicit
+    components in weight space (``requires_components``) are skipped on it, and the applications
+    refuse it, each with a message saying so.
 
     Attributes
     ----------
@@ -35,6 +48,7 @@ class DeltaSpace:
     explained_variance : (k,) float64 — λ / (N − 1).
     total_variance : float — trace of the centred Gram / (N − 1): Σ of ΔW's column variances.
     dual_weights : (N, k) float64 — component j = Σ_i dual_weights[i, j] · (ΔW_i − mean ΔW).
+    row_sq_norms : (N,) float64 — ‖ΔW_i − mean ΔW‖², the diagonal of the centred Gram.
     ids : member ids.
     config : how it was fitted (seconds for the Gram and for the eigendecomposition).
     """
@@ -43,47 +57,108 @@ class DeltaSpace:
     explained_variance: np.ndarray
     total_variance: float
     dual_weights: np.ndarray
+    row_sq_norms: np.ndarray
     ids: tuple[str, ...]
     config: dict
 
+    explicit: ClassVar[bool] = False  # no components matrix (``Space.explicit`` is True)
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.coefficients.shape[0])
+
+    @property
+    def n_components(self) -> int:
+        return int(self.coefficients.shape[1])
+
+    @property
+    def singular_values(self) -> np.ndarray:
+        return np.sqrt(self.explained_variance * (self.n_samples - 1))
+
     @property
     def explained_variance_ratio(self) -> np.ndarray:
+        if self.total_variance <= 0:
+            return np.full(self.n_components, np.nan)
         return self.explained_variance / self.total_variance
 
+    def n_components_for(self, fraction: float) -> int | None:
+        """As :meth:`wsa.space.Space.n_components_for`."""
+        return components_for(self.explained_variance_ratio, fraction)
 
-def _lora_parts(layout) -> list[tuple[slice, slice, tuple[int, int], tuple[int, int], float]]:
-    """Per module: (down columns, up columns, down shape, up shape, scale) of a plain-LoRA layout."""
-    parts = []
+    def save(self, folder: str | Path) -> None:
+        """``space.json`` (``"kind": "delta-gram"``) + ``delta_space.safetensors``, written atomically."""
+        from safetensors.numpy import save as safetensors_save
+
+        from wsa.atomic import write_bytes
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "coefficients": self.coefficients,
+            "explained_variance": self.explained_variance,
+            "dual_weights": self.dual_weights,
+            "row_sq_norms": self.row_sq_norms,
+        }
+        blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        write_bytes(folder / DELTA_SPACE_TENSORS, blob)
+        meta = {
+            "kind": "delta-gram",
+            "tensors": DELTA_SPACE_TENSORS,
+            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+            "n_components": self.n_components,
+            "n_samples": self.n_samples,
+            "total_variance": self.total_variance,
+            "ids": list(self.ids),
+            "config": self.config,
+        }
+        write_bytes(folder / SPACE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+@dataclass(frozen=True)
+class _GramPlan:
+    """How ⟨ΔW_i, ΔW_j⟩ is summed from a row layout: LoRA factor pairs, plus plain dot products of the
+    columns that already hold dense values (``full`` modules of a canonical store, LoRA biases)."""
+
+    lora: tuple[tuple[slice, slice, tuple[int, int], tuple[int, int], float], ...]  # down, up, shapes, scale
+    dense: np.ndarray  # column indices summed as a plain dot product
+
+
+def _gram_plan(layout) -> _GramPlan:
+    lora, dense = [], []
     for ml in layout.modules:
         names = {p.name: p for p in ml.parts}
-        if ml.kind != "lora" or set(names) != {"down", "up"}:
+        if ml.kind == "full":
+            dense.extend(range(ml.offset, ml.offset + ml.size))
+            continue
+        if ml.kind != "lora" or not {"down", "up"} <= set(names) or set(names) - {"down", "up", "bias"}:
             raise ConfigError(
-                f"module {ml.name!r} is {ml.kind} with parts {sorted(names)}: the Gram route needs plain LoRA "
-                "factors (a raw or canonical store); a delta store already holds ΔW — use fit_space on it"
+                f"module {ml.name!r} is {ml.kind} with parts {sorted(names)}: the Gram route reads plain LoRA "
+                "factors and dense ΔW; ingest the collection with --repr canonical"
             )
         down, up = names["down"], names["up"]
         r = ml.rank
-        d_shape = (r, int(np.prod(down.shape)) // r)
-        u_shape = (int(np.prod(up.shape)) // r, r)
-        parts.append(
+        if "bias" in names:
+            dense.extend(range(names["bias"].offset, names["bias"].offset + names["bias"].size))
+        lora.append(
             (
                 slice(down.offset, down.offset + down.size),
                 slice(up.offset, up.offset + up.size),
-                d_shape,
-                u_shape,
+                (r, int(np.prod(down.shape)) // r),
+                (int(np.prod(up.shape)) // r, r),
                 float(ml.scale),
             )
         )
-    return parts
+    return _GramPlan(tuple(lora), np.asarray(dense, dtype=np.int64))
 
 
 def gram_block(rows_a: np.ndarray, rows_b: np.ndarray, layout, device: str | torch.device = "cpu") -> np.ndarray:
-    """⟨ΔW_i, ΔW_j⟩ for rows ``a`` × rows ``b`` of a plain-LoRA layout, float64 (na, nb)."""
+    """⟨ΔW_i, ΔW_j⟩ for rows ``a`` × rows ``b`` of a raw or canonical layout, float64 (na, nb)."""
+    plan = layout if isinstance(layout, _GramPlan) else _gram_plan(layout)
     a = torch.as_tensor(np.asarray(rows_a, dtype=np.float32), device=device)
     b = torch.as_tensor(np.asarray(rows_b, dtype=np.float32), device=device)
     na, nb = a.shape[0], b.shape[0]
     out = torch.zeros(na, nb, dtype=torch.float64, device=device)
-    for dcols, ucols, dshape, ushape, scale in _lora_parts(layout):
+    for dcols, ucols, dshape, ushape, scale in plan.lora:
         r = dshape[0]
         da, db = a[:, dcols].reshape(na, *dshape), b[:, dcols].reshape(nb, *dshape)  # (n, r, in)
         ua, ub = a[:, ucols].reshape(na, *ushape), b[:, ucols].reshape(nb, *ushape)  # (n, out, r)
@@ -94,7 +169,115 @@ def gram_block(rows_a: np.ndarray, rows_b: np.ndarray, layout, device: str | tor
             gd = torch.einsum("api,bqi->abpq", da, db)
             g = (gu * gd).sum(dim=(2, 3))
         out += (scale * scale) * g.double()
+    if plan.dense.size:
+        cols = torch.as_tensor(plan.dense, device=device)
+        out += a[:, cols].double() @ b[:, cols].double().T
     return out.cpu().numpy()
+
+
+def gram_matrix(store, *, block_rows: int = 2048, device: str = "cpu", progress: bool = True) -> np.ndarray:
+    """The uncentred N × N float64 matrix ⟨ΔW_i, ΔW_j⟩ of a store, two row blocks in memory at a time."""
+    from tqdm.auto import tqdm
+
+    n = len(store)
+    plan = _gram_plan(store.layout)  # fails early on layouts it cannot read
+    need = 8 * n * n
+    if need > _physical_memory() // 2:
+        raise ConfigError(
+            f"{store.path}: the Gram route holds an N × N float64 matrix, {need / 1e9:.1f} GB for {n} adapters — "
+            "more than half this machine's memory; fit PCA of the gauge-fixed factors instead (--repr canonical)"
+        )
+    K = np.empty((n, n), dtype=np.float64)
+    starts = list(range(0, n, block_rows))
+    bar = tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="gram", disable=None if progress else True)
+    for bi, a in enumerate(starts):
+        rows_a = store.read_rows(range(a, min(n, a + block_rows)))
+        for b in starts[bi:]:
+            rows_b = rows_a if b == a else store.read_rows(range(b, min(n, b + block_rows)))
+            g = gram_block(rows_a, rows_b, plan, device)
+            K[a : a + len(rows_a), b : b + len(rows_b)] = g
+            K[b : b + len(rows_b), a : a + len(rows_a)] = g.T
+            bar.update(1)
+    bar.close()
+    return K
+
+
+def _top_eigen(K: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k eigenpairs of a symmetric matrix (LAPACK syevr, K overwritten), descending, λ clipped at 0,
+    eigenvectors signed so the largest-|·| entry of each is positive (deterministic output)."""
+    n = K.shape[0]
+    values, vectors = scipy.linalg.eigh(K, subset_by_index=[n - k, n - 1], overwrite_a=True, check_finite=False)
+    order = np.argsort(values)[::-1]
+    lam = np.clip(values[order], 0.0, None)
+    U = vectors[:, order]
+    flip = np.sign(U[np.abs(U).argmax(axis=0), np.arange(k)])
+    flip[flip == 0] = 1
+    return lam, U * flip
+
+
+def heldout_reconstruction_gram(
+    store,
+    ks: list[int],
+    *,
+    test_fraction: float = 0.2,
+    random_state: int | None = 0,
+    block_rows: int = 2048,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, list]:
+    """:func:`wsa.space.heldout_reconstruction` for ΔW from factor Grams (same split, same error).
+
+    Kernel-PCA form: the space is fitted on the train rows' centred Gram; a held-out row's coordinates
+    are its train-centred inner products with the members times the dual weights, and its relative
+    error for k PCs is ``1 − Σ_{j≤k} c_j² / ‖ΔW − mean_train‖²``.
+    """
+    n = len(store)
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be a number in (0, 1); got {test_fraction!r}")
+    if n < 3:
+        raise ConfigError(f"{store.path}: at least 3 adapters are needed for a split; got {n}")
+    n_test = min(max(1, round(test_fraction * n)), n - 2)
+    n_train = n - n_test
+    k_list = sorted({int(k) for k in ks})
+    if not k_list or k_list[0] < 0 or k_list[-1] > n_train - 1:
+        raise ConfigError(f"ks must be integers in [0, {n_train - 1}] (train rows − 1); got {ks!r}")
+    perm = np.random.default_rng(random_state).permutation(n)
+    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    K = gram_matrix(store, block_rows=block_rows, device=device, progress=progress)
+    k_tt = K[np.ix_(train, train)]
+    k_st = K[np.ix_(test, train)]
+    k_ss = np.diagonal(K)[test].copy()
+    del K
+    col_mean = k_tt.mean(axis=0)
+    all_mean = float(col_mean.mean())
+    k_st_centred = k_st - k_st.mean(axis=1, keepdims=True) - col_mean[None, :] + all_mean
+    norm_s = k_ss - 2.0 * k_st.mean(axis=1) + all_mean
+    k_tt -= col_mean[None, :]
+    k_tt -= col_mean[:, None]
+    k_tt += all_mean
+    norm_t = np.diagonal(k_tt).copy()
+    k_max = max(k_list[-1], 1)
+    lam, U = _top_eigen(k_tt, k_max)
+    root = np.sqrt(lam)
+    coef_t = U * root
+    coef_s = k_st_centred @ np.divide(U, root, out=np.zeros_like(U), where=root > 0)
+
+    def errors(coef: np.ndarray, norm: np.ndarray) -> list[float]:
+        captured = np.cumsum(coef**2, axis=1)
+        out = []
+        for k in k_list:
+            kept = captured[:, k - 1] if k > 0 else np.zeros(len(norm))
+            rel = np.divide(norm - kept, norm, out=np.zeros_like(norm), where=norm > 0)
+            out.append(float(np.clip(rel, 0.0, 1.0).mean()))
+        return out
+
+    return {
+        "k": k_list,
+        "train_error": errors(coef_t, norm_t),
+        "heldout_error": errors(coef_s, norm_s),
+        "heldout_ids": [store.ids[i] for i in test],
+        "n_train": int(n_train),
+    }
 
 
 def fit_delta_gram(
@@ -106,42 +289,22 @@ def fit_delta_gram(
     progress: bool = True,
 ) -> DeltaSpace:
     """Centred PCA of the members' ΔW from their factors (dual form, exact eigendecomposition)."""
-    from tqdm.auto import tqdm
-
     n = len(store)
     k = int(n_components)
     if not 1 <= k <= n - 1:
         raise ConfigError(f"n_components must be in [1, {n - 1}] (N − 1 for centred data); got {k}")
-    layout = store.layout
-    _lora_parts(layout)  # fail early on non-LoRA layouts
     t0 = time.perf_counter()
-    K = np.empty((n, n), dtype=np.float64)
-    starts = list(range(0, n, block_rows))
-    bar = tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="gram", disable=None if progress else True)
-    for bi, a in enumerate(starts):
-        rows_a = store.read_rows(range(a, min(n, a + block_rows)))
-        for b in starts[bi:]:
-            rows_b = rows_a if b == a else store.read_rows(range(b, min(n, b + block_rows)))
-            g = gram_block(rows_a, rows_b, layout, device)
-            K[a : a + len(rows_a), b : b + len(rows_b)] = g
-            K[b : b + len(rows_b), a : a + len(rows_a)] = g.T
-            bar.update(1)
-    bar.close()
+    K = gram_matrix(store, block_rows=block_rows, device=device, progress=progress)
     t_gram = time.perf_counter() - t0
     # Double centring: K̃ = H K H with H = I − 11ᵀ/N (the Gram of ΔW_i − mean ΔW).
     row_mean = K.mean(axis=1, keepdims=True)
     K -= row_mean
     K -= K.mean(axis=0, keepdims=True)
-    total = float(np.trace(K)) / (n - 1)
+    row_sq_norms = np.diagonal(K).copy()
+    total = float(row_sq_norms.sum()) / (n - 1)
     t1 = time.perf_counter()
-    values, vectors = np.linalg.eigh(K)
-    order = np.argsort(values)[::-1][:k]
-    lam = np.clip(values[order], 0.0, None)
-    U = vectors[:, order]
-    # Sign rule: the largest-|·| coefficient of each component positive (deterministic output).
-    flip = np.sign(U[np.abs(U).argmax(axis=0), np.arange(k)])
-    flip[flip == 0] = 1
-    U = U * flip
+    lam, U = _top_eigen(K, k)  # overwrites K: memory stays N² + N·k
+    del K
     root = np.sqrt(lam)
     coefficients = (U * root).astype(np.float32)
     dual = np.divide(U, root, out=np.zeros_like(U), where=root > 0)
@@ -150,9 +313,13 @@ def fit_delta_gram(
         explained_variance=lam / (n - 1),
         total_variance=total,
         dual_weights=dual,
+        row_sq_norms=row_sq_norms,
         ids=tuple(store.ids),
         config={
             "method": "factor-gram",
+            "center": True,
+            "standardize": False,
+            "device": str(device),
             "n_components": k,
             "block_rows": block_rows,
             "gram_seconds": round(t_gram, 3),

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -70,6 +70,14 @@ _FRACTION_TOL = 1e-6
 
 
 # --------------------------------------------------------------------------------------------- the Space
+
+
+def components_for(ratio: npt.NDArray[np.float64], fraction: float) -> int | None:
+    """Smallest k whose cumulative ``ratio`` reaches ``fraction`` (within float32 rounding), else None."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"fraction must be a number in (0, 1]; got {fraction!r}")
+    hit = np.flatnonzero(np.cumsum(ratio) >= fraction - _FRACTION_TOL)  # NaN compares False
+    return int(hit[0]) + 1 if hit.size else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -117,6 +125,8 @@ class Space:
     coefficients: npt.NDArray[np.float32]
     config: dict[str, Any]
 
+    explicit: ClassVar[bool] = True  # holds its components (``wsa.gram.DeltaSpace`` does not)
+
     def __post_init__(self) -> None:
         for name in _TENSOR_NAMES:
             getattr(self, name).setflags(write=False)
@@ -143,11 +153,7 @@ class Space:
         caller cannot mistake "not enough components fitted" for an answer. A fraction counts as reached
         within 1e-6, the rounding of float32 data, so ``1.0`` is reached at full rank.
         """
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ConfigError(f"fraction must be a number in (0, 1]; got {fraction!r}")
-        cumulative = np.cumsum(self.explained_variance_ratio)
-        hit = np.flatnonzero(cumulative >= fraction - _FRACTION_TOL)  # NaN compares False
-        return int(hit[0]) + 1 if hit.size else None
+        return components_for(self.explained_variance_ratio, fraction)
 
     def transform(self, X: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """PC coordinates of rows: ``((X - mean) / scale) @ components.T``.
@@ -233,6 +239,12 @@ class Space:
             raise StoreError(f"{SPACE_JSON} is not valid JSON ({exc}); save the space again", folder) from None
         if not isinstance(meta, dict):
             raise StoreError(f"{SPACE_JSON} is not a JSON object; save the space again", folder)
+        if meta.get("kind") == "delta-gram":
+            raise StoreError(
+                "this space is a PCA of ΔW fitted from factor Grams (wsa analyze --repr delta): it has no explicit "
+                "components to sample, edit, invert or decode with; analyze with --repr canonical or raw for those",
+                folder,
+            )
         version = meta.get("wsa_space_version")
         if version != SPACE_VERSION:
             raise StoreError(
