@@ -104,3 +104,16 @@ def test_delta_space_saves_and_applications_refuse_it(stores, tmp_path):
     assert dual.n_components_for(0.5) is not None and not dual.explicit
     with pytest.raises(StoreError, match="no explicit components"):
         Space.load(tmp_path / "space")
+
+
+@pytest.mark.gpu
+def test_gram_route_on_cuda_equals_cpu(stores):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    raw, _ = stores
+    cpu = fit_delta_gram(raw, 5, progress=False)
+    gpu = fit_delta_gram(raw, 5, device="cuda", progress=False)
+    np.testing.assert_allclose(gpu.explained_variance, cpu.explained_variance, rtol=1e-5)
+    np.testing.assert_allclose(np.abs(gpu.coefficients), np.abs(cpu.coefficients), atol=1e-4)
