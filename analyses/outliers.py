@@ -56,6 +56,10 @@ def streamed_residuals(ctx: AnalysisContext, rows: np.ndarray, block_rows: int) 
     coefficients : ndarray of shape (n_rows, n_components), float64
     """
     space = ctx.space
+    if not getattr(space, "explicit", True):  # ΔW space from factor Grams: ‖x̃‖² − ‖c‖², rows in store order
+        coefs = np.asarray(space.coefficients, dtype=np.float64)[rows]
+        resid = np.asarray(space.row_sq_norms, dtype=np.float64)[rows] - (coefs**2).sum(axis=1)
+        return np.clip(resid, 0.0, None), coefs
     scale = np.where(np.asarray(space.scale) > 0, space.scale, 1).astype(np.float32)
     resid = np.empty(len(rows))
     coefs = np.empty((len(rows), space.n_components))
@@ -65,6 +69,40 @@ def streamed_residuals(ctx: AnalysisContext, rows: np.ndarray, block_rows: int) 
         resid[start : start + len(block)] = np.einsum("ij,ij->i", e, e, dtype=np.float64)
         coefs[start : start + len(block)] = z
     return resid, coefs
+
+
+def _exact_cosine(ctx: AnalysisContext, rows: np.ndarray):
+    """``cosine(a, b)`` of two fitted rows, centred (and scaled) as the space sees them.
+
+    A ΔW space from factor Grams has no mean row to subtract; its centred inner products come from
+    the pair's factor Gram and the space's per-row Gram means (:meth:`wsa.gram.DeltaSpace.centred_inner`).
+    """
+    space, store = ctx.space, ctx.store
+    if not getattr(space, "explicit", True):
+        from wsa.gram import gram_block
+
+        def cosine_dual(a: int, b: int) -> float:
+            inner = gram_block(store.read_rows([rows[a]]), store.read_rows([rows[b]]), store.layout)[0, 0]
+            den = float(np.sqrt(space.row_sq_norms[rows[a]] * space.row_sq_norms[rows[b]]))
+            return space.centred_inner(int(rows[a]), int(rows[b]), float(inner)) / den if den > 0 else float("nan")
+
+        return cosine_dual
+    scale = np.where(np.asarray(space.scale) > 0, space.scale, 1).astype(np.float32)
+    cache: dict[int, np.ndarray] = {}
+
+    def centred(i: int) -> np.ndarray:
+        if len(cache) > 4096:
+            cache.clear()
+        if i not in cache:
+            cache[i] = (np.asarray(store.matrix[rows[i]], dtype=np.float32) - space.mean) / scale
+        return cache[i]
+
+    def cosine(a: int, b: int) -> float:
+        xa, xb = centred(a), centred(b)
+        den = float(np.linalg.norm(xa) * np.linalg.norm(xb))
+        return float(np.dot(xa.astype(np.float64), xb)) / den if den > 0 else float("nan")
+
+    return cosine
 
 
 @register_analyzer
@@ -98,6 +136,7 @@ class Outliers(Analyzer):
     """
 
     name: ClassVar[str] = "outliers"
+    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Outliers and near-duplicates"
     reference: ClassVar[str] = (
         "Iglewicz & Hoaglin, How to Detect and Handle Outliers, 1993 (modified z-score); "
@@ -260,20 +299,10 @@ class Outliers(Analyzer):
                 pairs.setdefault((a, b), {"same_file": False})
 
         # Exact cosine on the stored rows for every reported pair.
-        space = ctx.space
-        scale = np.where(np.asarray(space.scale) > 0, space.scale, 1).astype(np.float32)
-        cache: dict[int, np.ndarray] = {}
-
-        def centred(i: int) -> np.ndarray:
-            if i not in cache:
-                cache[i] = (np.asarray(ctx.store.matrix[rows[i]], dtype=np.float32) - space.mean) / scale
-            return cache[i]
-
+        cosine = _exact_cosine(ctx, rows)
         out = []
         for (a, b), info in sorted(pairs.items()):
-            xa, xb = centred(a), centred(b)
-            den = float(np.linalg.norm(xa) * np.linalg.norm(xb))
-            cos = float(np.dot(xa.astype(np.float64), xb)) / den if den > 0 else float("nan")
+            cos = cosine(a, b)
             if info["same_file"] or cos >= self.cosine_threshold:
                 out.append(
                     {
@@ -285,8 +314,6 @@ class Outliers(Analyzer):
                         "same_file": info["same_file"],
                     }
                 )
-            if len(cache) > 4096:
-                cache.clear()
         return out
 
     def result(self) -> Result:

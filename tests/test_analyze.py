@@ -155,6 +155,17 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     from wsa.space import fit_space, heldout_reconstruction
 
     synth_collection(tmp_path / "loras", 40, seed=2, modules=MODULES, n_factors=4, a_jitter=0.3, progress=False)
+    # A gauge twin of one adapter: B·2 and A/2 give other factors but the same ΔW.
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    original = sorted(p for p in (tmp_path / "loras").iterdir() if p.is_dir())[3]
+    twin = tmp_path / "loras" / f"{original.name}_twin"
+    shutil.copytree(original, twin)
+    weights = twin / "unet" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v * (2.0 if "lora_B" in k else 0.5) for k, v in tensors.items()}, str(weights))
     labels = str(tmp_path / "loras" / "attributes.csv")
     config = AnalyzeConfig(n_components=10, repr="delta", labels=labels, analyzer_params=FAST)
     run_analysis([tmp_path / "loras"], tmp_path / "report", config, progress=False)
@@ -170,7 +181,10 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     held = heldout_reconstruction(delta, ks, test_fraction=0.2, random_state=0, solver="exact", progress=False)
     np.testing.assert_allclose(pca["heldout"]["heldout_error"], held["heldout_error"], atol=1e-4)
     ran = {r["analyzer"] for r in results["results"]}
-    assert {"pca", "probes", "manifold", "sampling"} <= ran and not ran & {"layers", "interpolation", "outliers"}
+    assert {"pca", "probes", "manifold", "sampling", "outliers"} <= ran and not ran & {"layers", "interpolation"}
+    outliers = next(r for r in results["results"] if r["analyzer"] == "outliers")
+    pairs = {(d["id_a"], d["id_b"]): d["cosine"] for d in outliers["data"]["duplicates"]}
+    assert pairs.get((original.name, twin.name), 0) > 0.99999  # gauge twins are duplicates in ΔW space
     assert any("layers: skipped" in w for w in results["run"]["warnings"])
     with pytest.raises(ConfigError, match="explicit components"):
         run_analysis([tmp_path / "loras"], tmp_path / "r2", AnalyzeConfig(repr="delta", analyzers=["layers"]))

@@ -49,6 +49,8 @@ class DeltaSpace:
     total_variance : float — trace of the centred Gram / (N − 1): Σ of ΔW's column variances.
     dual_weights : (N, k) float64 — component j = Σ_i dual_weights[i, j] · (ΔW_i − mean ΔW).
     row_sq_norms : (N,) float64 — ‖ΔW_i − mean ΔW‖², the diagonal of the centred Gram.
+    gram_row_means : (N,) float64 — ⟨ΔW_i, mean ΔW⟩, so any pair's centred inner product is
+        ``⟨ΔW_i, ΔW_j⟩ − m_i − m_j + mean(m)`` (:meth:`centred_inner`).
     ids : member ids.
     config : how it was fitted (seconds for the Gram and for the eigendecomposition).
     """
@@ -58,6 +60,7 @@ class DeltaSpace:
     total_variance: float
     dual_weights: np.ndarray
     row_sq_norms: np.ndarray
+    gram_row_means: np.ndarray
     ids: tuple[str, ...]
     config: dict
 
@@ -85,6 +88,11 @@ class DeltaSpace:
         """As :meth:`wsa.space.Space.n_components_for`."""
         return components_for(self.explained_variance_ratio, fraction)
 
+    def centred_inner(self, i: int, j: int, inner_ij: float) -> float:
+        """⟨ΔW_i − mean, ΔW_j − mean⟩ of members ``i``, ``j`` from their uncentred inner product."""
+        m = self.gram_row_means
+        return float(inner_ij - m[i] - m[j] + m.mean())
+
     def save(self, folder: str | Path) -> None:
         """``space.json`` (``"kind": "delta-gram"``) + ``delta_space.safetensors``, written atomically."""
         from safetensors.numpy import save as safetensors_save
@@ -98,6 +106,7 @@ class DeltaSpace:
             "explained_variance": self.explained_variance,
             "dual_weights": self.dual_weights,
             "row_sq_norms": self.row_sq_norms,
+            "gram_row_means": self.gram_row_means,
         }
         blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
         write_bytes(folder / DELTA_SPACE_TENSORS, blob)
@@ -298,6 +307,7 @@ def fit_delta_gram(
     t_gram = time.perf_counter() - t0
     # Double centring: K̃ = H K H with H = I − 11ᵀ/N (the Gram of ΔW_i − mean ΔW).
     row_mean = K.mean(axis=1, keepdims=True)
+    gram_row_means = row_mean[:, 0].copy()
     K -= row_mean
     K -= K.mean(axis=0, keepdims=True)
     row_sq_norms = np.diagonal(K).copy()
@@ -314,6 +324,7 @@ def fit_delta_gram(
         total_variance=total,
         dual_weights=dual,
         row_sq_norms=row_sq_norms,
+        gram_row_means=gram_row_means,
         ids=tuple(store.ids),
         config={
             "method": "factor-gram",
