@@ -114,15 +114,19 @@ class Store:
         i = self.index(key)
         return decode(self.row(i), self.layout, path=f"{self.path}#{self.ids[i]}")
 
-    def read_rows(self, rows: Sequence[int]) -> np.ndarray:
+    def read_rows(self, rows: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
         """Rows by index as a float32 array, read with ``pread`` (runs of consecutive rows in one call).
 
         Why not the memory map: pages touched through a map stay resident (and count as the process's
         RSS) until the kernel needs them; a streaming pass over 26 GB would look like 26 GB of memory.
+        ``out``: read straight into this array (e.g. a slice of a matrix being loaded) instead of a new one.
         """
         dtype = np.dtype(self.manifest["dtype"])
         row_bytes = self.n_features * dtype.itemsize
-        out = np.empty((len(rows), self.n_features), dtype=np.float32)
+        if out is None:
+            out = np.empty((len(rows), self.n_features), dtype=np.float32)
+        elif out.shape != (len(rows), self.n_features) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {(len(rows), self.n_features)}")
         idx = np.asarray(rows, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise StoreError(f"row index out of range (store has {len(self)} rows)", self.path)
