@@ -330,3 +330,21 @@ def test_streaming_gpu_cache_matches_host_streaming(standardize: bool) -> None:
     assert cached.config["gpu_cache_bytes"] > 0 and host.config["gpu_cache_bytes"] == 0
     assert np.degrees(principal_angles(cached.components, host.components)).max() < 0.5
     np.testing.assert_allclose(cached.singular_values, host.singular_values, rtol=2e-3)
+
+
+def test_exact_keeps_components_four_decades_below_the_first() -> None:
+    """Components whose singular value is 1e-4 of the first are real data, not rounding noise.
+
+    (An earlier cut at s₀·max(n, D)·eps32 replaced every component below ~1 % of s₀ by a random one.)"""
+    rng = np.random.default_rng(0)
+    n, d, k = 60, 3000, 20
+    u = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    v = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    s = np.geomspace(1.0, 1e-4, k)
+    x = ((u * s) @ v.T).astype(np.float32)
+    space = fit(x, k, solver="exact")
+    xc = x.astype(np.float64) - x.astype(np.float64).mean(axis=0)
+    ref = np.linalg.svd(xc, full_matrices=False)
+    np.testing.assert_allclose(space.singular_values[: k - 1], ref.S[: k - 1], rtol=1e-3)
+    angles = principal_angles(space.components[: k - 2], ref.Vh[: k - 2])
+    assert angles.max() < 1.0

@@ -597,8 +597,10 @@ def _exact_svd(X: np.ndarray, k: int, device: torch.device, seed: int) -> tuple[
     v = torch.empty(k, d, dtype=torch.float64, device=device)
     for j in range(0, d, step):
         v[:, j : j + step] = u.T @ torch.from_numpy(X[:, j : j + step]).to(device, torch.float64)
-    # Below float32 rounding of the data a direction is noise: complete the basis with seeded random rows.
-    tol = float(s[0]) * max(n, d) * float(np.finfo(np.float32).eps)
+    # Eigenvalues of the float64 Gram are good to ~n·eps·λ₀, so singular values to s₀·√(n·eps): below
+    # (10× that) a direction cannot be recovered from the Gram; complete the basis with seeded random rows.
+    # (A float32-style cut, s₀·max(n, D)·eps32 = 1.2 % of s₀ at w2w's width, discarded real components.)
+    tol = float(s[0]) * 10.0 * math.sqrt(n * float(np.finfo(np.float64).eps))
     small = s <= tol
     v[~small] /= s[~small, None]
     if bool(small.any()):
