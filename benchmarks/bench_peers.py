@@ -37,6 +37,7 @@ METHODS = (
     "wsa-exact",
     "wsa-randomized",
     "wsa-randomized-it1",
+    "wsa-randomized-it4",
     "wsa-streaming",
     "wsa-dask",
     "torch-svd_lowrank",
@@ -74,6 +75,10 @@ def run_method(method: str, store_path: str, k: int, out: str) -> None:
         from wsa.space import fit_space
 
         v = fit_space(store, k, solver="randomized", n_iter=1, progress=False).components
+    elif method == "wsa-randomized-it4":  # wsa's default: four power iterations
+        from wsa.space import fit_space
+
+        v = fit_space(store, k, solver="randomized", n_iter=4, progress=False).components
     elif method == "wsa-streaming":
         from wsa.space import fit_space
 
