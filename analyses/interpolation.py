@@ -98,6 +98,7 @@ class Interpolation(Analyzer):
     """
 
     name: ClassVar[str] = "interpolation"
+    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Interpolation: attribute smoothness along straight paths"
     reference: ClassVar[str] = "Dravid et al. 2024, Interpreting the Weight Space of Customized Diffusion Models"
     requires_labels: ClassVar[bool] = False
@@ -255,6 +256,8 @@ class Interpolation(Analyzer):
         if missing:
             raise ConfigError(f"interpolation ids missing from the store: {', '.join(map(repr, missing[:5]))}")
         space = ctx.space
+        if not getattr(space, "explicit", True):
+            return self._delta_paths(ctx, pairs, row_of, notes)
         mean = np.asarray(space.mean, dtype=np.float64)
         paths, norms, fractions = [], [], []
         for a, b in pairs:
@@ -267,6 +270,38 @@ class Interpolation(Analyzer):
             paths.append(coef)
             norms.append(res)
             fractions.append(np.divide(res, size, out=np.zeros_like(res), where=size > 0))
+        return np.stack(paths), np.stack(norms), np.stack(fractions)
+
+    def _delta_paths(
+        self, ctx: AnalysisContext, pairs: list[tuple[str, str]], row_of: dict[str, int], notes: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ΔW space from factor Grams: the straight ΔW line between two members, without forming ΔW.
+
+        It projects onto the PC line, and its residual is ``r(t) = (1−t)·r_a + t·r_b``, so ``‖r(t)‖²``
+        needs only ``‖r_a‖²``, ``‖r_b‖²`` and ``⟨r_a, r_b⟩`` — the pair's centred inner product (one
+        factor Gram) minus their coefficients' dot product.
+        """
+        from wsa.gram import gram_block
+
+        space, store = ctx.space, ctx.store
+        z = np.asarray(space.coefficients, dtype=np.float64)
+        member = {str(i): n for n, i in enumerate(space.ids)}
+        t = np.linspace(0.0, 1.0, self.steps)
+        paths, norms, fractions = [], [], []
+        for a, b in pairs:
+            i, j = member[a], member[b]
+            inner = gram_block(store.read_rows([row_of[a]]), store.read_rows([row_of[b]]), store.layout)[0, 0]
+            k_ab = space.centred_inner(i, j, float(inner))
+            k_aa, k_bb = float(space.row_sq_norms[i]), float(space.row_sq_norms[j])
+            r_aa, r_bb, r_ab = k_aa - z[i] @ z[i], k_bb - z[j] @ z[j], k_ab - z[i] @ z[j]
+            res2 = (1 - t) ** 2 * r_aa + t**2 * r_bb + 2 * t * (1 - t) * r_ab
+            size2 = (1 - t) ** 2 * k_aa + t**2 * k_bb + 2 * t * (1 - t) * k_ab
+            res = np.sqrt(np.clip(res2, 0.0, None))
+            size = np.sqrt(np.clip(size2, 0.0, None))
+            paths.append(interpolate_pc(z[i], z[j], self.steps))
+            norms.append(res)
+            fractions.append(np.divide(res, size, out=np.zeros_like(res), where=size > 0))
+        notes.append("ΔW space: the weight path is the straight line between the members' ΔW; residuals in ΔW units.")
         return np.stack(paths), np.stack(norms), np.stack(fractions)
 
     def _score(

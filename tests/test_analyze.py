@@ -181,7 +181,15 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     held = heldout_reconstruction(delta, ks, test_fraction=0.2, random_state=0, solver="exact", progress=False)
     np.testing.assert_allclose(pca["heldout"]["heldout_error"], held["heldout_error"], atol=1e-4)
     ran = {r["analyzer"] for r in results["results"]}
-    assert {"pca", "probes", "manifold", "sampling", "outliers"} <= ran and not ran & {"layers", "interpolation"}
+    assert {"pca", "probes", "manifold", "sampling", "outliers", "interpolation"} <= ran and "layers" not in ran
+    # Residuals along the straight ΔW line between two members, against the materialised ΔW.
+    interp = next(r for r in results["results"] if r["analyzer"] == "interpolation")["data"]
+    (a, b), got = interp["pairs"][0], np.asarray(interp["residual_norms"][0])
+    rows = {rid: i for i, rid in enumerate(delta.ids)}
+    t = np.linspace(0.0, 1.0, len(got))[:, None]
+    x = (1 - t) * delta.matrix[rows[a]].astype(np.float64) + t * delta.matrix[rows[b]].astype(np.float64)
+    back = ref.inverse_transform(ref.transform(x.astype(np.float32)))
+    np.testing.assert_allclose(got, np.linalg.norm(x - back, axis=1), rtol=2e-3, atol=1e-4 * np.abs(x).max())
     outliers = next(r for r in results["results"] if r["analyzer"] == "outliers")
     pairs = {(d["id_a"], d["id_b"]): d["cosine"] for d in outliers["data"]["duplicates"]}
     assert pairs.get((original.name, twin.name), 0) > 0.99999  # gauge twins are duplicates in ΔW space
