@@ -195,6 +195,7 @@ class Layers(Analyzer):
     """
 
     name: ClassVar[str] = "layers"
+    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Where the variation lives: modules and blocks"
     reference: ClassVar[str] = (
         "Dravid et al., weights2weights, arXiv 2406.09413; Roy & Vetterli, The effective rank, EUSIPCO 2007"
@@ -221,8 +222,12 @@ class Layers(Analyzer):
         rng = np.random.default_rng(ctx.random_state)
         sub = np.arange(n) if n <= self.max_rows else np.sort(rng.choice(n, size=self.max_rows, replace=False))
 
-        eranks, scores = self._subset_pass(ctx, modules, rows[sub], ids, sub)
-        variance, sqnorms = self._full_pass(ctx, modules, rows)
+        if getattr(space, "explicit", True):
+            eranks, scores = self._subset_pass(ctx, modules, rows[sub], ids, sub)
+            variance, sqnorms = self._full_pass(ctx, modules, rows)
+        else:  # ΔW space from factor Grams: the same measures of each module's ΔW, from its factors
+            eranks, scores = self._subset_pass_delta(ctx, modules, rows[sub], ids, sub)
+            variance, sqnorms = self._full_pass_delta(ctx, modules, rows)
 
         total = float(variance.sum())
         d_total = sum(m.size for m in modules)
@@ -307,6 +312,69 @@ class Layers(Analyzer):
                 sqnorms[start : start + len(block), j] = np.einsum("ij,ij->i", part, part, dtype=np.float64)
         col_var = (col_sq - col_sum**2 / n) / max(n - 1, 1)
         variance = np.array([col_var[m.columns].sum() for m in modules])
+        return np.clip(variance, 0, None), sqnorms
+
+    def _subset_pass_delta(
+        self, ctx: AnalysisContext, modules: list, store_rows: np.ndarray, ids: list[str], sub: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Per module, the subset's centred Gram of ΔW (factor Grams): its spectrum and top PC scores."""
+        from wsa.gram import gram_block
+        from wsa.store.layout import Layout
+
+        labels = {a: (kind, vals[sub]) for a, (kind, vals, _) in encoded_labels(ctx.labels, ids).items()}
+        self.metrics_ = {}
+        x = ctx.store.read_rows(store_rows)
+        eranks = np.zeros(len(modules))
+        scores = {a: np.full(len(modules), np.nan) for a in labels}
+        for i, m in enumerate(modules):
+            gram = gram_block(x, x, Layout(ctx.store.layout.repr, (m,)))
+            gram -= gram.mean(axis=0, keepdims=True)
+            gram -= gram.mean(axis=1, keepdims=True)
+            eigvals, vecs = np.linalg.eigh(gram)
+            eigvals = np.clip(eigvals[::-1], 0.0, None)
+            eranks[i] = effective_rank(eigvals)
+            k = min(self.probe_components, len(eigvals))
+            z = vecs[:, ::-1][:, :k] * np.sqrt(eigvals[:k])
+            for attr, (kind, y) in labels.items():
+                score, metric = probe_score(z, y, kind, ctx.random_state)
+                scores[attr][i] = score
+                self.metrics_[attr] = metric
+        return eranks, scores
+
+    def _full_pass_delta(self, ctx: AnalysisContext, modules: list, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-module variance of ΔW and per-model ‖ΔW_i‖², streamed, from the factors.
+
+        ``Σ‖ΔW_i − mean‖² = Σ‖ΔW_i‖² − ‖Σ ΔW_i‖² / n``: the first term from each row's r × r factor Grams,
+        the second from one dense out × in running sum per module (the size of one adapter's ΔW).
+        """
+        from wsa.gram import _gram_plan
+        from wsa.store.layout import Layout
+
+        n = len(rows)
+        plans = [_gram_plan(Layout(ctx.store.layout.repr, (m,))) for m in modules]
+        sums: list[list[np.ndarray]] = [[] for _ in modules]  # running Σ ΔW_i per module, by part
+        sqnorms = np.zeros((n, len(modules)))
+        for start, block in ctx.store.iter_blocks(self.block_rows, rows=rows):
+            b64 = block.astype(np.float64)
+            for j, plan in enumerate(plans):
+                parts = []
+                for dcols, ucols, dshape, ushape, scale in plan.lora:
+                    down = b64[:, dcols].reshape(len(block), *dshape)  # (n, r, in)
+                    up = b64[:, ucols].reshape(len(block), *ushape)  # (n, out, r)
+                    parts.append(scale * np.einsum("nor,nri->oi", up, down))
+                    gram = np.einsum("nop,noq->npq", up, up) * np.einsum("npi,nqi->npq", down, down)
+                    sqnorms[start : start + len(block), j] += scale**2 * gram.sum(axis=(1, 2))
+                if plan.dense.size:
+                    dense = b64[:, plan.dense]
+                    parts.append(dense.sum(axis=0))
+                    sqnorms[start : start + len(block), j] += np.einsum("ij,ij->i", dense, dense)
+                sums[j] = parts if not sums[j] else [a + b for a, b in zip(sums[j], parts, strict=True)]
+        variance = np.array(
+            [
+                (sqnorms[:, j].sum() - sum(float(np.square(p).sum()) for p in sums[j]) / n) / max(n - 1, 1)
+                for j in range(len(modules))
+            ]
+        )
         return np.clip(variance, 0, None), sqnorms
 
     def _aggregate(self, key: str, sqnorms: np.ndarray) -> pd.DataFrame:

@@ -181,7 +181,7 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     held = heldout_reconstruction(delta, ks, test_fraction=0.2, random_state=0, solver="exact", progress=False)
     np.testing.assert_allclose(pca["heldout"]["heldout_error"], held["heldout_error"], atol=1e-4)
     ran = {r["analyzer"] for r in results["results"]}
-    assert {"pca", "probes", "manifold", "sampling", "outliers", "interpolation"} <= ran and "layers" not in ran
+    assert {"pca", "probes", "manifold", "sampling", "outliers", "interpolation", "layers"} <= ran
     # Residuals along the straight ΔW line between two members, against the materialised ΔW.
     interp = next(r for r in results["results"] if r["analyzer"] == "interpolation")["data"]
     (a, b), got = interp["pairs"][0], np.asarray(interp["residual_norms"][0])
@@ -193,6 +193,13 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     outliers = next(r for r in results["results"] if r["analyzer"] == "outliers")
     pairs = {(d["id_a"], d["id_b"]): d["cosine"] for d in outliers["data"]["duplicates"]}
     assert pairs.get((original.name, twin.name), 0) > 0.99999  # gauge twins are duplicates in ΔW space
-    assert any("layers: skipped" in w for w in results["run"]["warnings"])
+    # Per-module measures of ΔW from the factors equal those on the materialised ΔW store.
+    layers_cfg = AnalyzeConfig(n_components=10, analyzers=["layers"], labels=labels)
+    run_analysis([tmp_path / "delta"], tmp_path / "r2", layers_cfg, progress=False)
+    explicit = json.loads((tmp_path / "r2" / "results.json").read_text())["results"][0]["data"]["modules"]
+    dual = next(r for r in results["results"] if r["analyzer"] == "layers")["data"]["modules"]
+    assert dual["module"] == explicit["module"]
+    for key in ("variance", "mean_norm", "effective_rank"):
+        np.testing.assert_allclose(dual[key], explicit[key], rtol=1e-4)
     with pytest.raises(ConfigError, match="explicit components"):
-        run_analysis([tmp_path / "loras"], tmp_path / "r2", AnalyzeConfig(repr="delta", analyzers=["layers"]))
+        run_analysis([tmp_path / "loras"], tmp_path / "r3", AnalyzeConfig(repr="delta", analyzers=["gallery"]))
