@@ -203,3 +203,8 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
         np.testing.assert_allclose(dual[key], explicit[key], rtol=1e-4)
     with pytest.raises(ConfigError, match="explicit components"):
         run_analysis([tmp_path / "loras"], tmp_path / "r3", AnalyzeConfig(repr="delta", analyzers=["gallery"]))
+    from wsa.errors import StoreError
+    from wsa.workspace import Workspace
+
+    with pytest.raises(StoreError, match="factor Grams"):  # wsa sample/edit/... on this report: the reason
+        Workspace.open(tmp_path / "report")

@@ -60,6 +60,7 @@ class Workspace:
         if not (folder / "space.json").is_file():
             raise StoreError("not a fitted space (no space.json here or in space/); run `wsa analyze` first", path)
         if not (folder / DECODING_JSON).is_file():
+            Space.load(folder)  # a ΔW space from factor Grams is refused here, with its own reason
             raise StoreError(
                 f"space has no {DECODING_JSON} (written by `wsa analyze` since wsa 0.2); re-run wsa analyze", folder
             )
