@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -223,10 +224,10 @@ class Layers(Analyzer):
         sub = np.arange(n) if n <= self.max_rows else np.sort(rng.choice(n, size=self.max_rows, replace=False))
 
         if getattr(space, "explicit", True):
-            eranks, scores = self._subset_pass(ctx, modules, rows[sub], ids, sub)
+            eranks, scores = self._subset_pass(ctx, self._spectra(ctx, modules, rows[sub]), ids, sub)
             variance, sqnorms = self._full_pass(ctx, modules, rows)
         else:  # ΔW space from factor Grams: the same measures of each module's ΔW, from its factors
-            eranks, scores = self._subset_pass_delta(ctx, modules, rows[sub], ids, sub)
+            eranks, scores = self._subset_pass(ctx, self._spectra_delta(ctx, modules, rows[sub]), ids, sub)
             variance, sqnorms = self._full_pass_delta(ctx, modules, rows)
 
         total = float(variance.sum())
@@ -255,14 +256,30 @@ class Layers(Analyzer):
         return self
 
     def _subset_pass(
-        self, ctx: AnalysisContext, modules: list, store_rows: np.ndarray, ids: list[str], sub: np.ndarray
+        self,
+        ctx: AnalysisContext,
+        spectra: Iterator[tuple[int, np.ndarray, np.ndarray]],
+        ids: list[str],
+        sub: np.ndarray,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Effective rank and (with labels) probe scores per module, from a row subset held in column groups."""
+        """Effective rank and (with labels) probe scores per module, from ``(module, eigenvalues, scores)``."""
         labels = {a: (kind, vals[sub]) for a, (kind, vals, _) in encoded_labels(ctx.labels, ids).items()}
         self.metrics_: dict[str, str] = {}
+        eranks = np.zeros(len(ctx.store.layout.modules))
+        scores = {a: np.full(len(eranks), np.nan) for a in labels}
+        for i, eigvals, z in spectra:
+            eranks[i] = effective_rank(eigvals)
+            for attr, (kind, y) in labels.items():
+                score, metric = probe_score(z, y, kind, ctx.random_state)
+                scores[attr][i] = score
+                self.metrics_[attr] = metric
+        return eranks, scores
+
+    def _spectra(
+        self, ctx: AnalysisContext, modules: list, store_rows: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Per module: the subset's centred spectrum and top PC scores, from column groups of its rows."""
         s = len(store_rows)
-        eranks = np.zeros(len(modules))
-        scores = {a: np.full(len(modules), np.nan) for a in labels}
         # Column groups of whole modules so that the buffer stays under BUFFER_BYTES.
         groups: list[list[int]] = [[]]
         width = 0
@@ -284,13 +301,7 @@ class Layers(Analyzer):
                 x = buf[:, offset : offset + modules[i].size]
                 offset += modules[i].size
                 x = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
-                eigvals, z = _spectrum_and_scores(x, self.probe_components, ctx.random_state)
-                eranks[i] = effective_rank(eigvals)
-                for attr, (kind, y) in labels.items():
-                    score, metric = probe_score(z, y, kind, ctx.random_state)
-                    scores[attr][i] = score
-                    self.metrics_[attr] = metric
-        return eranks, scores
+                yield (i, *_spectrum_and_scores(x, self.probe_components, ctx.random_state))
 
     def _full_pass(self, ctx: AnalysisContext, modules: list, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-module variance (sum of column variances) and per-model squared row norms, streamed."""
@@ -314,32 +325,24 @@ class Layers(Analyzer):
         variance = np.array([col_var[m.columns].sum() for m in modules])
         return np.clip(variance, 0, None), sqnorms
 
-    def _subset_pass_delta(
-        self, ctx: AnalysisContext, modules: list, store_rows: np.ndarray, ids: list[str], sub: np.ndarray
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Per module, the subset's centred Gram of ΔW (factor Grams): its spectrum and top PC scores."""
+    def _spectra_delta(
+        self, ctx: AnalysisContext, modules: list, store_rows: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Per module: the subset's centred Gram of ΔW (from factor Grams), its spectrum and top PC scores.
+
+        The subset's rows are read once (``max_rows`` × D float32)."""
         from wsa.gram import gram_block
         from wsa.store.layout import Layout
 
-        labels = {a: (kind, vals[sub]) for a, (kind, vals, _) in encoded_labels(ctx.labels, ids).items()}
-        self.metrics_ = {}
         x = ctx.store.read_rows(store_rows)
-        eranks = np.zeros(len(modules))
-        scores = {a: np.full(len(modules), np.nan) for a in labels}
         for i, m in enumerate(modules):
             gram = gram_block(x, x, Layout(ctx.store.layout.repr, (m,)))
             gram -= gram.mean(axis=0, keepdims=True)
             gram -= gram.mean(axis=1, keepdims=True)
             eigvals, vecs = np.linalg.eigh(gram)
             eigvals = np.clip(eigvals[::-1], 0.0, None)
-            eranks[i] = effective_rank(eigvals)
             k = min(self.probe_components, len(eigvals))
-            z = vecs[:, ::-1][:, :k] * np.sqrt(eigvals[:k])
-            for attr, (kind, y) in labels.items():
-                score, metric = probe_score(z, y, kind, ctx.random_state)
-                scores[attr][i] = score
-                self.metrics_[attr] = metric
-        return eranks, scores
+            yield i, eigvals, vecs[:, ::-1][:, :k] * np.sqrt(eigvals[:k])
 
     def _full_pass_delta(self, ctx: AnalysisContext, modules: list, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-module variance of ΔW and per-model ‖ΔW_i‖², streamed, from the factors.

@@ -28,7 +28,7 @@ import scipy.linalg
 import torch
 
 from wsa.errors import ConfigError
-from wsa.space import SPACE_JSON, _physical_memory, components_for
+from wsa.space import SPACE_JSON, _physical_memory, components_for, heldout_split
 
 DELTA_SPACE_TENSORS = "delta_space.safetensors"
 
@@ -240,18 +240,11 @@ def heldout_reconstruction_gram(
     are its train-centred inner products with the members times the dual weights, and its relative
     error for k PCs is ``1 − Σ_{j≤k} c_j² / ‖ΔW − mean_train‖²``.
     """
-    n = len(store)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be a number in (0, 1); got {test_fraction!r}")
-    if n < 3:
-        raise ConfigError(f"{store.path}: at least 3 adapters are needed for a split; got {n}")
-    n_test = min(max(1, round(test_fraction * n)), n - 2)
-    n_train = n - n_test
+    train, test = heldout_split(len(store), test_fraction, random_state)
+    n_train = len(train)
     k_list = sorted({int(k) for k in ks})
     if not k_list or k_list[0] < 0 or k_list[-1] > n_train - 1:
         raise ConfigError(f"ks must be integers in [0, {n_train - 1}] (train rows − 1); got {ks!r}")
-    perm = np.random.default_rng(random_state).permutation(n)
-    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     K = gram_matrix(store, block_rows=block_rows, device=device, progress=progress)
     k_tt = K[np.ix_(train, train)]
     k_st = K[np.ix_(test, train)]

@@ -70,25 +70,49 @@ def row_stacks(rows: Tensor, layout: Layout) -> dict[str, Any]:
     return stacks
 
 
-def _diffusion_loss(model, stacks, images, masks, context, batch, generator, alphas) -> Tensor:
-    """Sum over the M images of each one's mean noise-prediction error (``batch`` noise draws each)."""
-    device = images.device
-    m = images.shape[0]
-    x0 = images.repeat_interleave(batch, 0)
-    t = torch.randint(0, alphas.shape[0], (m * batch,), device=device, generator=generator)
-    noise = torch.randn(x0.shape, device=device, generator=generator)
-    a = alphas[t].view(-1, 1, 1, 1)
-    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-    assignment = torch.arange(m, device=device).repeat_interleave(batch)
-    with BatchedLoRA(model.unet, stacks).active(assignment):
-        predicted = model.unet(noisy, t, context.expand(m * batch, -1, -1)).sample
-    error = (predicted.float() - noise).pow(2)
-    if masks is not None:
-        w = masks.repeat_interleave(batch, 0)
-        per = (error * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * error.shape[1]).clamp(min=1.0)
-    else:
-        per = error.mean(dim=(1, 2, 3))
-    return per.view(m, batch).mean(1).sum()
+class _DiffusionObjective:
+    """The denoising loss of a decoder's base on M images, shared by inversion and direct fine-tuning.
+
+    Holds what both set up the same way — the frozen base on its device, the images in [−1, 1], masks,
+    the prompt's context, the noise schedule and a seeded generator — and ``(stacks) -> loss``: the sum
+    over the M images of each one's mean noise-prediction error (``batch`` noise draws each), image i
+    under LoRA ``stacks`` member i.
+    """
+
+    def __init__(self, decoder: Any, image: Tensor, mask: Tensor | None, batch: int, seed: int) -> None:
+        from wsa.worlds.runtime import alphas_cumprod
+
+        self.single = image.ndim == 3
+        images = image[None] if self.single else image
+        masks = None if mask is None else (mask[None] if self.single else mask)
+        self.device = torch.device(decoder.device)
+        self.model = decoder.model.to(self.device).eval().requires_grad_(False)
+        self.m = images.shape[0]
+        self.batch = batch
+        self.target = images.to(self.device).float() * 2 - 1
+        self.masks = None if masks is None else masks.to(self.device).float()
+        with torch.no_grad():
+            self.context = self.model.encode_prompts([decoder.prompt]).detach()
+        self.alphas = alphas_cumprod(self.model.config).to(self.device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def __call__(self, stacks: dict[str, Any]) -> Tensor:
+        m, batch, device = self.m, self.batch, self.device
+        x0 = self.target.repeat_interleave(batch, 0)
+        t = torch.randint(0, self.alphas.shape[0], (m * batch,), device=device, generator=self.generator)
+        noise = torch.randn(x0.shape, device=device, generator=self.generator)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        assignment = torch.arange(m, device=device).repeat_interleave(batch)
+        with BatchedLoRA(self.model.unet, stacks).active(assignment):
+            predicted = self.model.unet(noisy, t, self.context.expand(m * batch, -1, -1)).sample
+        error = (predicted.float() - noise).pow(2)
+        if self.masks is not None:
+            w = self.masks.repeat_interleave(batch, 0)
+            per = (error * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * error.shape[1]).clamp(min=1.0)
+        else:
+            per = error.mean(dim=(1, 2, 3))
+        return per.view(m, batch).mean(1).sum()
 
 
 def invert(
@@ -115,13 +139,6 @@ def invert(
 
     from tqdm.auto import tqdm
 
-    from wsa.worlds.runtime import alphas_cumprod
-
-    single = image.ndim == 3
-    images = image[None] if single else image
-    masks = None if mask is None else (mask[None] if single else mask)
-    model = decoder.model
-    device = torch.device(decoder.device)
     space = ws.space
     k = space.n_components if k is None else int(k)
     if not 1 <= k <= space.n_components:
@@ -129,7 +146,8 @@ def invert(
     if steps < 1 or batch < 1 or lr <= 0 or prior_weight < 0:
         raise ConfigError("steps and batch must be >= 1, lr > 0 and prior_weight >= 0")
     started = time.time()
-    model = model.to(device).eval().requires_grad_(False)
+    objective = _DiffusionObjective(decoder, image, mask, batch, seed)
+    device = objective.device
     components = torch.as_tensor(np.array(space.components[:k], dtype=np.float32), device=device)
     mean = torch.as_tensor(np.array(space.mean, dtype=np.float32), device=device)
     scale = (
@@ -139,31 +157,25 @@ def invert(
     )
     sigma = torch.as_tensor(np.sqrt(np.maximum(np.asarray(space.explained_variance[:k]), 1e-12)), device=device).float()
     start = np.asarray(space.coefficients[:, :k], dtype=np.float32).mean(0)  # the collection's mean model
-    u = torch.nn.Parameter((torch.as_tensor(start, device=device) / sigma).repeat(images.shape[0], 1))
+    u = torch.nn.Parameter((torch.as_tensor(start, device=device) / sigma).repeat(objective.m, 1))
     optimizer = torch.optim.Adam([u], lr=lr)
-    target = images.to(device).float() * 2 - 1
-    mask_t = None if masks is None else masks.to(device).float()
-    with torch.no_grad():
-        context = model.encode_prompts([decoder.prompt]).detach()
-    alphas = alphas_cumprod(model.config).to(device)
-    generator = torch.Generator(device).manual_seed(seed)
     losses: list[float] = []
     bar = tqdm(range(steps), desc="invert", disable=None if progress else True, file=sys.stderr)
     for _ in bar:
         rows = mean + scale * ((u * sigma) @ components)
-        loss = _diffusion_loss(model, row_stacks(rows, ws.layout), target, mask_t, context, batch, generator, alphas)
+        loss = objective(row_stacks(rows, ws.layout))
         total = loss + prior_weight * u.pow(2).mean(1).sum()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        losses.append(float(loss.detach()) / images.shape[0])
+        losses.append(float(loss.detach()) / objective.m)
         if len(losses) % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     with torch.no_grad():
         z = (u * sigma).detach()
         rows = (mean + scale * (z @ components)).cpu().numpy()
     coefficients = z.cpu().numpy()
-    if single:
+    if objective.single:
         rows, coefficients = rows[0], coefficients[0]
     return InversionResult(row=rows, coefficients=coefficients, losses=losses, seconds=time.time() - started)
 
@@ -189,19 +201,12 @@ def finetune_on_image(
     """
     from tqdm.auto import tqdm
 
-    from wsa.worlds.runtime import alphas_cumprod
-
     if layout.repr != "raw" or any(
         m.kind != "lora" or {p.name for p in m.parts} != {"down", "up"} for m in layout.modules
     ):
         raise ConfigError("direct fine-tuning writes raw LoRA rows; this space's layout is not a raw LoRA layout")
-    single = image.ndim == 3
-    images = image[None] if single else image
-    masks = None if mask is None else (mask[None] if single else mask)
-    m = images.shape[0]
-    model = decoder.model
-    device = torch.device(decoder.device)
-    model = model.to(device).eval().requires_grad_(False)
+    objective = _DiffusionObjective(decoder, image, mask, batch, seed)
+    m, device = objective.m, objective.device
     g = torch.Generator().manual_seed(init_seed)
     params: dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
     for ml in layout.modules:
@@ -213,16 +218,10 @@ def finetune_on_image(
             torch.nn.Parameter(torch.zeros(m, out_f, ml.rank, device=device)),
         )
     optimizer = torch.optim.Adam([p for pair in params.values() for p in pair], lr=lr, betas=(0.9, 0.99))
-    target = images.to(device).float() * 2 - 1
-    mask_t = None if masks is None else masks.to(device).float()
-    with torch.no_grad():
-        context = model.encode_prompts([decoder.prompt]).detach()
-    alphas = alphas_cumprod(model.config).to(device)
-    generator = torch.Generator(device).manual_seed(seed)
     scale = {ml.name: torch.full((m,), ml.scale, device=device) for ml in layout.modules}
     for _ in tqdm(range(steps), desc="fine-tune", disable=None if progress else True, file=sys.stderr):
         stacks = {n: LowRankStack(params[n][0], params[n][1], scale[n]) for n in params}
-        loss = _diffusion_loss(model, stacks, target, mask_t, context, batch, generator, alphas)
+        loss = objective(stacks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -232,4 +231,4 @@ def finetune_on_image(
         for part in ml.parts:
             value = down if part.name == "down" else up
             rows[:, part.offset : part.offset + part.size] = value.detach().float().cpu().numpy().reshape(m, -1)
-    return rows[0] if single else rows
+    return rows[0] if objective.single else rows

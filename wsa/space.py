@@ -395,6 +395,13 @@ class _Moments:
         self._mean: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None
 
+    @classmethod
+    def from_sums(cls, n: int, mean: np.ndarray, m2: np.ndarray) -> _Moments:
+        """Moments already summed elsewhere (``_centre_in_memory``)."""
+        mom = cls(len(mean))
+        mom.n, mom._mean, mom._m2 = n, torch.from_numpy(mean), torch.from_numpy(m2)
+        return mom
+
     def update(self, block: np.ndarray | torch.Tensor) -> None:
         if isinstance(block, torch.Tensor):
             b = block.to(torch.float64)
@@ -474,10 +481,7 @@ def _centre_in_memory(X: np.ndarray, step: int, standardize: bool, where: str) -
         block = X[a : a + step]
         block -= c
         sumsq += np.einsum("ij,ij->j", block, block)  # float32 within a block of a few hundred rows
-    mom = _Moments(d)
-    mom.n = n
-    mom._mean = torch.from_numpy(mean)
-    mom._m2 = torch.from_numpy(sumsq - n * (mean - c.astype(np.float64)) ** 2)
+    mom = _Moments.from_sums(n, mean, sumsq - n * (mean - c.astype(np.float64)) ** 2)
     std = _standardization(mom, True, standardize, where)
     if standardize:
         for a in range(0, n, step):
@@ -1022,6 +1026,17 @@ def principal_angles(A: npt.ArrayLike, B: npt.ArrayLike) -> npt.NDArray[np.float
     return np.degrees(subspace_angles(a.T, b.T))
 
 
+def heldout_split(n: int, test_fraction: float, random_state: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows), each sorted: the one split every held-out test uses (ΔW route too)."""
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be a number in (0, 1); got {test_fraction!r}")
+    if n < 3:
+        raise ConfigError(f"a held-out split needs at least 3 rows; got {n}")
+    n_test = min(max(1, round(test_fraction * n)), n - 2)
+    perm = np.random.default_rng(random_state).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
 def heldout_reconstruction(
     store_or_matrix: Store | np.ndarray,
     ks: Iterable[int],
@@ -1060,21 +1075,15 @@ def heldout_reconstruction(
     for reserved in ("rows", "n_components"):
         if reserved in fit_kwargs:
             raise ConfigError(f"{reserved} must not be passed to heldout_reconstruction (it sets it); got {reserved}=…")
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be a number in (0, 1); got {test_fraction!r}")
     everything = _make_source(store_or_matrix, None)
     n_all, d = everything.n, everything.d
-    if n_all < 3:
-        raise ConfigError(f"store_or_matrix must have at least 3 rows for a split; got {n_all}")
-    n_test = min(max(1, round(test_fraction * n_all)), n_all - 2)
-    n_train = n_all - n_test
+    train, test = heldout_split(n_all, test_fraction, random_state)
+    n_train = len(train)
     given = list(ks) if isinstance(ks, Iterable) and not isinstance(ks, (str, bytes)) else None
     ok = bool(given) and all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in given)
     k_list = sorted({int(k) for k in given}) if ok else []
     if not ok or k_list[0] < 0 or k_list[-1] > min(n_train, d):
         raise ConfigError(f"ks must be a non-empty list of integers in [0, {min(n_train, d)}]; got {given or ks!r}")
-    perm = np.random.default_rng(random_state).permutation(n_all)
-    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     space = fit_space(store_or_matrix, max(k_list[-1], 1), rows=train, random_state=random_state, **fit_kwargs)
     step = int(space.config["block_rows"])
     progress = fit_kwargs.get("progress", True)
