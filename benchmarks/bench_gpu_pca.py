@@ -86,7 +86,7 @@ def exact_stats(host: torch.Tensor, step: int = 2048) -> tuple[torch.Tensor, tor
 def captured_on_data(host: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, components, step: int = 1024) -> float:
     """‖X̃·V‖² over the exact z-scored rows, V an orthonormal basis of the components' span (float64 QR).
 
-    Why the QR: float32 components are orthonormal only to ~1e-4 (``torch.svd_lowrank``'s at this
+    Why the QR: float32 components are not exactly orthonormal (``torch.svd_lowrank``'s at this
     shape), and norms above 1 inflate ``Σ‖X̃·vᵢ‖²`` by more than the methods differ.
     """
     v = torch.as_tensor(np.asarray(components), dtype=torch.float64).to("cuda").T

@@ -164,7 +164,7 @@ def accuracy(store, k: int, ref: np.ndarray, v: np.ndarray) -> dict:
     x = np.array(store.matrix, dtype=np.float64)
     x -= x.mean(axis=0)  # in float64: a float32 column mean is off by ~1e-7 of LoRA factors' large means
 
-    # An orthonormal basis of each span first (float32 components are orthonormal only to ~1e-4, and
+    # An orthonormal basis of each span first (float32 components are not exactly orthonormal, and
     # norms above 1 would inflate the captured variance by more than the methods differ); all in float64,
     # since the methods differ by ~1e-6 of the variance, float32's rounding level.
     def captured_by(components: np.ndarray) -> float:
