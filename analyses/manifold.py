@@ -136,6 +136,10 @@ class Manifold(Analyzer):
         "perplexity": (lambda v: isinstance(v, (int, float)) and v > 0, "a positive float"),
         "max_points": (lambda v: positive_int(v) and v >= 10, "an int >= 10"),
         "trust_neighbors": (positive_int, "a positive int"),
+        "color_by": (
+            lambda v: not isinstance(v, str) and all(isinstance(c, str) and c for c in v),
+            "a list of label column names",
+        ),
     }
 
     def __init__(
@@ -148,8 +152,10 @@ class Manifold(Analyzer):
         perplexity: float = 30.0,
         max_points: int = 20000,
         trust_neighbors: int = 10,
+        color_by: tuple[str, ...] | list[str] = (),
     ) -> None:
         self.methods = methods
+        self.color_by = color_by
         self.n_components = n_components
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
@@ -190,6 +196,14 @@ class Manifold(Analyzer):
         }
 
         encoded = encoded_labels(ctx.labels, all_ids)
+        if self.color_by:
+            unknown = [c for c in self.color_by if c not in encoded]
+            if unknown:
+                raise ConfigError(
+                    f"--color-by {', '.join(unknown)}: not a label column (columns: {', '.join(encoded) or 'none'}); "
+                    "with --labels metadata, the adapters' training metadata fields are the columns"
+                )
+            encoded = {c: encoded[c] for c in self.color_by}
         self.labels_ = {name: (kind, vals[rows]) for name, (kind, vals, _) in encoded.items()}
         self.class_names_ = {name: names for name, (_, _, names) in encoded.items()}
         spaces = {f"PC space ({k} PCs)": x, **{f"{m} map": c for m, c in self.coords_.items()}}

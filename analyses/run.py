@@ -41,6 +41,9 @@ class AnalyzeConfig:
     decode: bool = False
     base: str | None = None
     decode_steps: int = 25
+    family: str | None = None  # analyse only this model family's adapters
+    families: str = "split"  # a folder of several families: "split" (one space each) or "refuse"
+    skip_bad: bool = False  # leave out unreadable files (listed in the report) instead of failing
     analyzer_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -119,21 +122,47 @@ def uses_gram_route(inputs: Sequence[str | Path], repr: str) -> bool:
     return store is None or open_store(store).repr in ("raw", "canonical")
 
 
-def resolve_store(inputs: Sequence[str | Path], cache: Path, repr: str, progress: bool, client: Any = None) -> Store:
+def resolve_store(
+    inputs: Sequence[str | Path],
+    cache: Path,
+    repr: str,
+    progress: bool,
+    client: Any = None,
+    family: str | None = None,
+    skip_bad: bool = False,
+) -> Store:
     """A store given as input is used as is; adapter files/folders are ingested into ``cache``.
 
     ``repr="delta"`` ingests ``canonical`` factors (see :func:`uses_gram_route`), never dense ΔW.
+    ``family`` keeps one model family's adapters (the others are listed as left out).
     """
     paths = [Path(p) for p in inputs]
     if _input_store(paths) is not None:
-        return open_store(paths[0])
+        store = open_store(paths[0])
+        if family is not None and store.manifest.get("family", family) != family:
+            raise ConfigError(f"{store.path}: this store holds family {store.manifest.get('family')!r}, not {family!r}")
+        return store
     if repr == "delta":
         repr = "canonical"
+    executor = None
     if client is not None:
         from wsa.dask_engine import ChunkedExecutor
 
-        return ingest(paths, cache, repr=repr, progress=progress, executor=ChunkedExecutor(client))
-    return ingest(paths, cache, repr=repr, progress=progress)
+        executor = ChunkedExecutor(client)
+    return ingest(paths, cache, repr=repr, progress=progress, executor=executor, family=family, skip_bad=skip_bad)
+
+
+def family_groups(inputs: Sequence[str | Path], progress: bool) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """``({family: [paths]}, [(path, problem)])`` of adapter inputs, from their headers (no tensors read)."""
+    from wsa.store.discover import discover
+    from wsa.store.scan import family_groups as groups_of
+    from wsa.store.scan import scan
+
+    sources = discover(inputs)
+    scanned = scan(sources, progress=progress)
+    groups = {fam: [str(sources[i].path) for i in ix] for fam, ix in groups_of(sources, scanned).items()}
+    problems = [(str(src.path), s.problem) for src, s in zip(sources, scanned, strict=True) if s.problem]
+    return groups, problems  # type: ignore[return-value]
 
 
 @contextmanager
@@ -158,12 +187,14 @@ def run_analysis(
     progress: bool = True,
 ) -> Path:
     """Run the configured analyzers on ``inputs`` and write the report folder ``out``; return index.html."""
-    from wsa.labels import load_labels
+    from wsa.labels import is_metadata_spec, load_labels, metadata_labels
     from wsa.reports import write_report
     from wsa.space import fit_space
 
     config = config or AnalyzeConfig()
     out = Path(out)
+    if config.families not in ("split", "refuse"):
+        raise ConfigError(f"families must be 'split' or 'refuse'; got {config.families!r}")
     gram = uses_gram_route(inputs, config.repr)
     early_warnings: list[str] = []
     names = config.analyzers or [
@@ -200,10 +231,28 @@ def run_analysis(
         raise ConfigError(f"engine must be 'local' or 'dask'; got {config.engine!r}")
     if config.scheduler and config.engine != "dask":
         raise ConfigError("a scheduler address needs engine 'dask'")
+    if config.family is None and _input_store(inputs) is None:
+        groups, problems = family_groups(inputs, progress)
+        if len(groups) > 1:
+            if config.families == "refuse":
+                listing = "; ".join(f"{fam}: {len(p)} file(s), e.g. {p[0]}" for fam, p in groups.items())
+                raise ConfigError(
+                    f"the inputs hold {len(groups)} model families ({listing}); pass --family NAME for one, "
+                    "or --families split for one space each"
+                )
+            return _run_per_family(inputs, out, config, groups, problems, cache=cache, argv=argv, progress=progress)
     timings: dict[str, float] = {}
     with _engine(config) as client:
         t0 = time.perf_counter()
-        store = resolve_store(inputs, Path(cache) if cache else out / "store", config.repr, progress, client)
+        store = resolve_store(
+            inputs,
+            Path(cache) if cache else out / "store",
+            config.repr,
+            progress,
+            client,
+            family=config.family,
+            skip_bad=config.skip_bad,
+        )
         timings["ingest"] = time.perf_counter() - t0
         if len(store) < 3:
             raise ConfigError(f"{store.path}: {len(store)} adapters; an analysis needs at least 3")
@@ -240,7 +289,10 @@ def run_analysis(
     if space.explicit:
         _record_decoding(out / "space", store, config)
     timings["space"] = time.perf_counter() - t0
-    labels = load_labels(config.labels, list(space.ids)) if config.labels else None
+    label_path = config.labels
+    if is_metadata_spec(label_path):
+        label_path = str(metadata_labels(store.rows, label_path, out / "metadata_labels.json"))
+    labels = load_labels(label_path, list(space.ids)) if label_path else None
     decoder = None
     if config.decode and any(a.requires_decoder for a in analyzers):
         from wsa.decoding.decoder import decoder_for_store
@@ -257,7 +309,7 @@ def run_analysis(
         decoder=decoder,
         progress=progress,
     )
-    results: list[Result] = []
+    results: list[Result] = [collection_result(store)]
     warnings: list[str] = list(early_warnings)
     for analyzer in analyzers:
         if analyzer.requires_labels and labels is None:
@@ -292,6 +344,100 @@ def run_analysis(
     return write_report(results, run_info, out)
 
 
+def collection_result(store: Store) -> Result:
+    """The report's first section: what the store holds (family, formats) and every file left out, with why."""
+    from collections import Counter
+
+    from wsa.analyses.base import Metric, Table
+
+    rows = store.rows
+    formats = Counter((r.get("family") or "unknown", r.get("format") or "?") for r in rows)
+    left = [(d["source"], "left out", d["reason"]) for d in store.manifest.get("left_out", [])]
+    bad = [(d["source"], "unreadable or does not fit", d["reason"]) for d in store.manifest.get("problems", [])]
+    tables = [
+        Table(
+            "formats",
+            "Adapters in this space by model family and trainer format.",
+            ("family", "format", "adapters"),
+            tuple((f, fmt, n) for (f, fmt), n in sorted(formats.items())),
+        )
+    ]
+    if left or bad:
+        tables.append(
+            Table(
+                "left_out",
+                "Files found in the inputs that are not in this space, each with its reason.",
+                ("file", "status", "reason"),
+                tuple(bad + left),
+            )
+        )
+    family = store.manifest.get("family") or "unknown"
+    summary = f"{len(rows)} adapters of family {family}"
+    if left or bad:
+        summary += f"; {len(left) + len(bad)} file(s) left out (listed below)"
+    return Result(
+        "collection",
+        "The collection: family, formats and left-out files",
+        summary,
+        metrics=(Metric("adapters", len(rows)), Metric("left out", len(left) + len(bad))),
+        tables=tuple(tables),
+        warnings=tuple(f"{p}: {r}" for p, _, r in bad[:20]),
+        data={"family": family, "left_out": [list(x) for x in bad + left]},
+    )
+
+
+def _run_per_family(
+    inputs: Sequence[str | Path],
+    out: Path,
+    config: AnalyzeConfig,
+    groups: Mapping[str, list[str]],
+    problems: list[tuple[str, str]],
+    *,
+    cache: str | Path | None,
+    argv: Sequence[str] | None,
+    progress: bool,
+) -> Path:
+    """One space and report per family under ``out/<family>/``, and ``out/index.html`` with a section each."""
+    from dataclasses import replace
+
+    from wsa.errors import WsaError
+    from wsa.reports.families import write_family_index
+
+    entries = []
+    for fam, paths in groups.items():
+        sub = replace(config, family=fam, skip_bad=True)  # unreadable files are listed on the top page
+        entry: dict[str, Any] = {"family": fam, "adapters": len(paths), "example": paths[0]}
+        if len(paths) < 3:
+            entry["error"] = f"{len(paths)} adapter(s): an analysis needs at least 3"
+        else:
+            try:
+                index = run_analysis(
+                    inputs,
+                    out / fam,
+                    sub,
+                    cache=(Path(cache) / fam) if cache else None,
+                    argv=argv,
+                    progress=progress,
+                )
+                entry["report"] = f"{fam}/{index.name}"
+                entry["headline"] = _read_headline(index.parent)
+            except WsaError as exc:
+                entry["error"] = str(exc)
+        entries.append(entry)
+    return write_family_index(
+        out, entries, problems, {"command": list(argv) if argv else None, "inputs": [str(p) for p in inputs]}
+    )
+
+
+def _read_headline(folder: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads((folder / "results.json").read_text())["run"].get("headline", {})
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def _record_decoding(folder: Path, store: Store, config: AnalyzeConfig) -> None:
     """``space/decoding.json``: what ``wsa sample/edit/invert/...`` need to turn points into models."""
     from wsa.decoding.decoder import find_base, zoo_prompt
@@ -302,6 +448,7 @@ def _record_decoding(folder: Path, store: Store, config: AnalyzeConfig) -> None:
 
 def _headline(store, space, results: Mapping[str, Result], warnings: list[str], labels) -> dict[str, Any]:
     head: dict[str, Any] = {
+        "family": store.manifest.get("family") or "unknown",
         "adapters": len(store),
         "features": store.n_features,
         "representation": "delta (from factor Grams)" if not space.explicit else store.repr,

@@ -22,8 +22,8 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
 @click.option(
     "--labels",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Attribute table (CSV/Parquet/JSON) joined on adapter id.",
+    help="Attribute table (CSV/Parquet/JSON) joined on adapter id; or `metadata` (the adapters' training "
+    "metadata fields that vary) or `metadata:ss_network_dim,ss_base_model_version` (those fields).",
 )
 @click.option("--analyzers", help="Comma-separated analyzers to run [default: all]; see `wsa analyze --list`.")
 @click.option(
@@ -49,6 +49,24 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     help="PCA solver [default: auto, by size].",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where PCA runs [default: auto].")
+@click.option("--family", help="Analyse only this model family's adapters (flux1, sdxl, …).")
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    default=None,
+    help="Leave out unreadable files (listed in the report) instead of failing.",
+)
+@click.option(
+    "--families",
+    type=click.Choice(["split", "refuse"]),
+    help="Inputs of several model families: one space and report each under OUT/<family>/ (split), "
+    "or an error listing the groups (refuse) [default: split].",
+)
+@click.option(
+    "--color-by",
+    help="Colour the maps by these label columns only (comma-separated), e.g. ss_base_model_version "
+    "with --labels metadata.",
+)
 @click.option("--seed", type=int, help="Random seed for splits, solvers and maps [default: 0].")
 @click.option(
     "--cache", type=click.Path(file_okay=False), help="Where adapter folders are ingested [default: OUT/store]."
@@ -90,6 +108,10 @@ def analyze(
     representation,
     solver,
     device,
+    family,
+    skip_bad,
+    families,
+    color_by,
     seed,
     cache,
     engine,
@@ -129,11 +151,18 @@ def analyze(
         "decode": decode,
         "base": base,
         "decode_steps": decode_steps,
+        "family": family,
+        "families": families,
+        "skip_bad": skip_bad,
         "analyzers": [a.strip() for a in analyzers.split(",") if a.strip()] if analyzers else None,
     }
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
+    if color_by:
+        config.analyzer_params.setdefault("manifold", {})["color_by"] = [
+            c.strip() for c in color_by.split(",") if c.strip()
+        ]
     index = run_analysis(
         list(inputs), out, config, cache=cache, argv=command_line(click.get_current_context()), progress=not quiet
     )

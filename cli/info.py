@@ -7,6 +7,7 @@ import json
 import click
 
 from wsa.cli import main
+from wsa.text import terminal_safe
 
 
 def _fmt_stats(stats: dict | None) -> str:
@@ -15,44 +16,99 @@ def _fmt_stats(stats: dict | None) -> str:
     return f"min {stats['min']:.4g}  median {stats['median']:.4g}  max {stats['max']:.4g}"
 
 
+def _line(label: str, value: object) -> None:
+    click.echo(f"{label:<10} {terminal_safe(value, 2000)}")
+
+
 def _print_store(s: dict) -> None:
-    click.echo(f"store      {s['path']}")
+    _line("store", s["path"])
     size_mb = s["size_bytes"] / 1e6
-    click.echo(f"rows       {s['n_rows']} × {s['n_features']} features  ({s['repr']}, {s['dtype']}, {size_mb:.1f} MB)")
-    click.echo(f"formats    {', '.join(f'{k}: {v}' for k, v in sorted(s['formats'].items()))}")
-    click.echo(f"algorithms {', '.join(f'{k}: {v}' for k, v in sorted(s['kinds'].items()))}")
+    _line("rows", f"{s['n_rows']} × {s['n_features']} features  ({s['repr']}, {s['dtype']}, {size_mb:.1f} MB)")
+    _line("family", s.get("family", "unknown"))
+    _line("formats", ", ".join(f"{k}: {v}" for k, v in sorted(s["formats"].items())))
+    _line("algorithms", ", ".join(f"{k}: {v}" for k, v in sorted(s["kinds"].items())))
     m = s["modules"]
-    click.echo(f"modules    {m['count']}  ({', '.join(f'{k}: {v}' for k, v in sorted(m['by_component'].items()))})")
-    click.echo(f"ranks      {', '.join(f'r={k}: {v}' for k, v in sorted(m['ranks'].items()))}")
-    click.echo(f"scales     {', '.join(f'{k}: {v}' for k, v in sorted(m['scales'].items()))}")
-    click.echo(f"‖ΔW‖_F     {_fmt_stats(s['delta_norm'])}")
-    click.echo(f"problems   {len(s['problems'])}")
+    _line("modules", f"{m['count']}  ({', '.join(f'{k}: {v}' for k, v in sorted(m['by_component'].items()))})")
+    _line("ranks", ", ".join(f"r={k}: {v}" for k, v in sorted(m["ranks"].items())))
+    _line("scales", ", ".join(f"{k}: {v}" for k, v in sorted(m["scales"].items())))
+    _line("‖ΔW‖_F", _fmt_stats(s["delta_norm"]))
+    _line("problems", len(s["problems"]))
     for p in s["problems"]:
-        click.echo(f"  {p['source']}: {p['reason']}")
+        click.echo(f"  {terminal_safe(p['source'])}: {terminal_safe(p['reason'])}")
+    if s.get("left_out"):
+        _line("left out", f"{len(s['left_out'])} (other families)")
+        for p in s["left_out"]:
+            click.echo(f"  {terminal_safe(p['source'])}: {terminal_safe(p['reason'])}")
+
+
+def _training_line(training: dict) -> str:
+    keys = (
+        "ss_base_model_version",
+        "modelspec.architecture",
+        "modelspec.title",
+        "ss_output_name",
+        "ss_network_module",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "trigger_words",
+        "sshs_model_hash",
+        "software",
+    )
+    shown = [f"{k}={training[k]}" for k in keys if k in training]
+    more = len(training) - len(shown)
+    return "; ".join(shown) + (f"; +{more} more fields (--json)" if more > 0 else "")
+
+
+def _ranks(ranks: list[int]) -> str:
+    if not ranks:
+        return "-"
+    return str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]} (mixed)"
 
 
 def _print_adapter(s: dict) -> None:
-    click.echo(f"adapter    {s['path']}")
-    click.echo(f"format     {s['format']}  ({', '.join(s['algorithms'])})")
+    _line("adapter", s["path"])
+    _line("family", f"{s['family']}  ({s['family_source']})")
+    _line("format", f"{s['format']}  ({', '.join(s['algorithms'])})")
     norm = "n/a (DoRA needs the base)" if s["delta_norm"] is None else format(s["delta_norm"], ".4g")
-    click.echo(f"modules    {s['n_modules']}  ({s['n_params']} parameters, ‖ΔW‖_F {norm})")
+    _line("modules", f"{s['n_modules']}  ({s['n_params']} parameters, ‖ΔW‖_F {norm}, rank {_ranks(s['ranks'])})")
+    if s["training"]:
+        _line("training", _training_line(s["training"]))
+    for note in s["notes"][:20]:
+        _line("note", note)
     for m in s["modules"]:
         shape = "×".join(map(str, m["shape"]))
         dora = "+dora" if m["dora"] else ""
-        click.echo(f"  {m['name']:<72} {m['kind']}{dora:<5} {shape:<14} r={m['rank']:<3} scale={m['scale']:.4g}")
+        name = terminal_safe(m["name"])
+        click.echo(f"  {name:<72} {m['kind']}{dora:<5} {shape:<14} r={m['rank']:<3} scale={m['scale']:.4g}")
 
 
 def _print_collection(s: dict) -> None:
-    click.echo(f"folder     {s['path']}")
-    click.echo(f"adapters   {s['n_adapters']} found, {s['n_readable']} readable")
-    click.echo(f"formats    {', '.join(f'{k}: {v}' for k, v in sorted(s['formats'].items()))}")
-    click.echo(f"‖ΔW‖_F     {_fmt_stats(s['delta_norm'])}")
-    click.echo(f"groups     {len(s['groups'])} (adapters in different groups cannot share a raw matrix)")
-    for g in s["groups"]:
-        click.echo(f"  {g['count']:>6} × {g['description']}   e.g. {', '.join(g['examples'][:3])}")
-    click.echo(f"problems   {len(s['problems'])}")
+    _line("folder", s["path"])
+    _line("adapters", f"{s['n_adapters']} found, {s['n_readable']} readable")
+    _line("formats", ", ".join(f"{k}: {v}" for k, v in sorted(s["formats"].items())))
+    _line("families", ", ".join(f"{g['family']}: {g['count']}" for g in s["families"]) or "none")
+    if len(s["families"]) > 1:
+        click.echo("           (several families: `wsa analyze` fits one space each; `--family NAME` picks one)")
+    for f in s["files"]:
+        click.echo(
+            f"  {terminal_safe(f['id'], 60):<40} {f['family']:<13} {terminal_safe(f['format']):<11} "
+            f"r={_ranks(f['ranks']):<14} {f['n_modules']:>5} modules"
+        )
+        if f["training"]:
+            click.echo(f"      {terminal_safe(_training_line(f['training']), 400)}")
+        if "also fit" in f["family_source"]:
+            click.echo(f"      family from {terminal_safe(f['family_source'])}")
+    _line("groups", f"{len(s['groups'])} (adapters in different groups cannot share a raw matrix)")
+    for g in s["groups"][:10]:
+        examples = terminal_safe(", ".join(g["examples"][:3]))
+        click.echo(f"  {g['count']:>6} × {terminal_safe(g['description'])}   e.g. {examples}")
+    if s["duplicates"]:
+        _line("duplicates", f"{len(s['duplicates'])} group(s) of byte-identical tensors")
+        for group in s["duplicates"]:
+            click.echo(f"  {terminal_safe(' = '.join(group), 400)}")
+    _line("problems", len(s["problems"]))
     for p in s["problems"]:
-        click.echo(f"  {p['source']}: {p['reason']}")
+        click.echo(f"  {terminal_safe(p['source'])}: {terminal_safe(p['reason'])}")
 
 
 @main.command()
@@ -63,9 +119,10 @@ def info(path: str, as_json: bool, quiet: bool) -> None:
     """Summarise PATH: a store, one adapter, or a folder of adapters.
 
     \b
-    A store: counts, formats, algorithms, modules, ranks, ΔW norms, skipped files.
-    An adapter: its format and every module's kind, shape, rank and scale.
-    A folder: adapters grouped by module set/shape/rank, and unreadable files.
+    A store: family, counts, formats, algorithms, modules, ranks, ΔW norms, skipped files.
+    An adapter: family, trainer format, training metadata, every module's kind, shape, rank, scale.
+    A folder (headers only): per file family, trainer format, ranks and training metadata;
+    families, byte-identical duplicates, unreadable files.
 
     \b
     Examples:

@@ -33,6 +33,12 @@ from wsa.cli import main
     help="exact: all adapters must share modules; intersect: keep the shared ones; union: missing = 0 (delta only).",
 )
 @click.option(
+    "--family",
+    default=None,
+    help="Keep only this model family's adapters (flux1, sdxl, sd15, wan21, …; `wsa info --families` lists them); "
+    "the others are listed as left out [default: the folder must hold one family].",
+)
+@click.option(
     "--skip-bad",
     is_flag=True,
     help="Leave out unreadable or non-matching files (each reported) instead of failing.",
@@ -62,7 +68,20 @@ from wsa.cli import main
 @click.option("--scheduler", help="Dask scheduler address (tcp://host:8786) [default: a local cluster of processes].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def ingest(
-    paths, out, representation, dtype, modules, skip_bad, workers, rehash, layout, alpha, engine, scheduler, quiet
+    paths,
+    out,
+    representation,
+    dtype,
+    modules,
+    family,
+    skip_bad,
+    workers,
+    rehash,
+    layout,
+    alpha,
+    engine,
+    scheduler,
+    quiet,
 ) -> None:
     """Flatten every adapter under PATHS (recursive) into one N × D matrix at --out.
 
@@ -97,6 +116,7 @@ def ingest(
         repr=representation,
         dtype=dtype,
         modules=modules,
+        family=family,
         skip_bad=skip_bad,
         workers=workers,
         rehash=rehash,
@@ -116,3 +136,5 @@ def ingest(
     )
     for p in skipped:
         click.echo(f"skipped {p['source']}: {p['reason']}", err=True)
+    for p in store.manifest.get("left_out", []):
+        click.echo(f"left out {p['source']}: {p['reason']}", err=True)

@@ -43,7 +43,8 @@ def test_report_files(analysed: tuple[Path, Path]) -> None:
         assert (report / name).is_file(), name
     results = json.loads((report / "results.json").read_text())
     # Without --decode every analyzer runs except those that decode images (gallery).
-    expected = [n for n in available_analyzers() if not get_analyzer(n).requires_decoder]
+    # The collection section (family, formats, left-out files) comes first.
+    expected = ["collection"] + [n for n in available_analyzers() if not get_analyzer(n).requires_decoder]
     assert [r["analyzer"] for r in results["results"]] == expected and "gallery" not in expected
     run = results["run"]
     assert run["headline"]["adapters"] == 120
@@ -132,7 +133,7 @@ def test_cli_with_toml_config(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     run = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert [r["analyzer"] for r in run["results"]] == ["pca", "layers"]
+    assert [r["analyzer"] for r in run["results"]] == ["collection", "pca", "layers"]
     assert run["run"]["config"]["analyzer_params"]["pca"]["heldout_fraction"] == 0.25
     assert run["run"]["command"][:2] == ["wsa", "analyze"]
 
@@ -196,7 +197,9 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     # Per-module measures of ΔW from the factors equal those on the materialised ΔW store.
     layers_cfg = AnalyzeConfig(n_components=10, analyzers=["layers"], labels=labels)
     run_analysis([tmp_path / "delta"], tmp_path / "r2", layers_cfg, progress=False)
-    explicit = json.loads((tmp_path / "r2" / "results.json").read_text())["results"][0]["data"]["modules"]
+    explicit = next(
+        r for r in json.loads((tmp_path / "r2" / "results.json").read_text())["results"] if r["analyzer"] == "layers"
+    )["data"]["modules"]
     dual = next(r for r in results["results"] if r["analyzer"] == "layers")["data"]["modules"]
     assert dual["module"] == explicit["module"]
     for key in ("variance", "mean_norm", "effective_rank"):

@@ -78,13 +78,20 @@ class Adapter:
     """One adapter: ``format``, ``modules`` (name -> :class:`ModuleWeights`, sorted), ``metadata``.
 
     ``metadata`` holds the file's string metadata (safetensors header, PEFT config fields) so
-    ``wsa info`` and exports can show where an adapter came from.
+    ``wsa info`` and exports can show where an adapter came from. ``family`` is the base model's
+    family, decided from the module names (checked against the metadata), see :mod:`wsa.families`.
     """
 
     path: str
     format: str
     modules: Mapping[str, ModuleWeights]
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: Base-model family (``sd15``, ``sdxl``, ``flux1``, …; see :mod:`wsa.families`), "" when unknown.
+    family: str = ""
+    #: How the family was decided: ``keys``, ``keys+metadata``, ``keys+shapes``, ``keys (also fit: …)``, ``forced``.
+    family_source: str = ""
+    #: What the reader did beyond renaming (fused layers split, rows reordered, metadata disagreeing).
+    notes: tuple[str, ...] = ()
 
     def delta(self, module: str, base_weight: Tensor | None = None) -> Tensor:
         """The dense ΔW of ``module`` as float32, scale applied, in the base layer's weight shape.

@@ -42,7 +42,7 @@ def lora_delta(tensors: Mapping[str, Tensor], scale: float) -> Tensor:
         delta = torch.einsum("oa,abhw,bi->oihw", up.reshape(out_features, rank), mid, down.flatten(1))
         return delta * scale
     delta = up.reshape(out_features, rank) @ down.reshape(rank, -1)
-    if down.dim() == 4:  # conv: kernel lives in the down factor
+    if down.dim() > 2:  # conv (2-D or 3-D): the kernel lives in the down factor
         delta = delta.reshape(out_features, *down.shape[1:])
     return delta * scale
 

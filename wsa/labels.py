@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, FormatError
 
 #: Column names taken as the id column (case-insensitive), in this order, when ``id_column`` is not given.
@@ -399,3 +400,47 @@ def value_key(v: Hashable) -> str:
             return str(int(f)) if f.is_integer() else repr(f)
         return v
     return str(v)
+
+
+#: ``--labels`` values that take the attributes from the adapters' own training metadata.
+METADATA_SPEC = "metadata"
+
+
+def is_metadata_spec(spec: str | None) -> bool:
+    return isinstance(spec, str) and (spec == METADATA_SPEC or spec.startswith(METADATA_SPEC + ":"))
+
+
+def metadata_labels(rows: Sequence[Mapping[str, Any]], spec: str, out: str | Path) -> Path:
+    """Write the store rows' training metadata as a label table (``out``, JSON records) and return its path.
+
+    ``spec`` is ``metadata`` (every field that varies across the adapters, plus ``family`` and ``format``
+    when they vary) or ``metadata:ss_network_dim,ss_base_model_version`` (exactly those fields). The file
+    is then read like any label table (:func:`load_labels`), so kinds, missing values and reports work
+    the same way.
+    """
+    records = []
+    for row in rows:
+        record: dict[str, Any] = {"id": row["id"], "family": row.get("family"), "format": row.get("format")}
+        record.update(row.get("training") or {})
+        records.append(record)
+    fields = sorted({k for r in records for k in r} - {"id"})
+    if spec == METADATA_SPEC:
+        chosen = [f for f in fields if len({_id_string(r.get(f)) for r in records if r.get(f) is not None}) > 1]
+        if not chosen:
+            raise ConfigError(
+                f"--labels metadata: no metadata field varies across the {len(records)} adapters "
+                f"(fields: {', '.join(fields) or 'none'})"
+            )
+    else:
+        chosen = [f.strip() for f in spec.split(":", 1)[1].split(",") if f.strip()]
+        unknown = [f for f in chosen if f not in fields]
+        if not chosen or unknown:
+            raise ConfigError(
+                f"--labels {spec}: unknown metadata field(s) {unknown or '(none named)'}; "
+                f"the adapters have: {', '.join(fields) or 'none'}"
+            )
+    table = [{"id": r["id"], **{f: r.get(f) for f in chosen}} for r in records]
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, (json.dumps(table, indent=1, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+    return path

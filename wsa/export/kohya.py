@@ -63,7 +63,9 @@ def module_tensors(name: str, m: ModuleWeights, dtype: torch.dtype) -> dict[str,
     if rank is not None:
         out[key + ".alpha"] = alpha_tensor(m.scale * rank)
     if "bias" in m.tensors:
-        out[key + ".diff_b"] = cast(m.tensors["bias"], dtype)
+        # `.diff_b` is the bias change itself (ComfyUI adds it unscaled); wsa's factor-module bias is scaled.
+        bias = m.tensors["bias"] if m.kind == "full" else m.tensors["bias"].to(torch.float64) * m.scale
+        out[key + ".diff_b"] = cast(bias, dtype)
     if m.is_dora:
         out[key + ".dora_scale"] = cast(m.tensors["magnitude"].reshape(_magnitude_shape(m)), dtype)
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from wsa.adapter import Adapter
 from wsa.errors import FormatError
-from wsa.formats import diffusers, kohya, lycoris, peft  # registration side effects
+from wsa.formats import diffusers, kohya, lycoris, native, peft  # registration side effects
 from wsa.formats._tensorfile import TENSOR_SUFFIXES, TensorFile
 from wsa.formats.base import FORMATS, BaseShapes, FormatSpec
 

@@ -132,7 +132,7 @@ def _lora(t: dict[str, Tensor], alpha: float | None, rslora: bool) -> ModuleWeig
         raise ValueError(f"up {tuple(up.shape)} does not match down {tuple(down.shape)}")
     if "mid" in t:
         shape: tuple[int, ...] = (up.shape[0], down.shape[1], *t["mid"].shape[2:])
-    elif down.dim() == 4:
+    elif down.dim() > 2:  # Conv2d / Conv3d (Wan's patch embedding)
         shape = (up.shape[0], *down.shape[1:])
     else:
         shape = (up.shape[0], down.shape[1])
@@ -179,6 +179,21 @@ def _check_product(name: str, mod: ModuleWeights, path: object) -> None:
             raise FormatError(f"module {name!r}: factors do not form a {mod.shape} delta ({exc})", path) from None
 
 
+def unscaled_bias(mod: ModuleWeights) -> ModuleWeights:
+    """A ``.diff_b`` beside LoRA factors is the bias change itself (ComfyUI adds it as its own patch, unscaled).
+
+    :meth:`~wsa.adapter.Adapter.bias_delta` scales a factor module's bias like PEFT's ``lora_B.bias``
+    (by ``scale``), so the stored bias is divided by the scale here (in float64): the bias change
+    comes out as the file's ``diff_b``.
+    """
+    if "bias" not in mod.tensors or mod.kind == "full" or mod.scale in (0.0, 1.0):
+        return mod
+    tensors = dict(mod.tensors)
+    bias = tensors["bias"]
+    tensors["bias"] = bias if bias.device.type == "meta" else (bias.double() / mod.scale).float()
+    return ModuleWeights(mod.kind, tensors, mod.shape, mod.rank, mod.alpha, mod.scale, mod.dora_axis)
+
+
 def read_alpha(t: Tensor, key: str, path: object) -> float:
     """A stored ``.alpha`` scalar as a Python float (formats.md pitfall 4: ``.item()`` before dividing)."""
     if t.numel() != 1:
@@ -195,8 +210,57 @@ def make_adapter(
     modules: Mapping[str, ModuleWeights],
     metadata: Mapping[str, str],
 ) -> Adapter:
+    """An adapter whose module names are canonical already (datasets; see :func:`assemble` for files)."""
     ordered = {k: modules[k] for k in sorted(modules, key=natural_key)}
     return Adapter(str(path), fmt, ordered, dict(metadata))
+
+
+#: kohya-style text-encoder prefixes when the family names none (SD's convention).
+DEFAULT_TEXT_ENCODERS = {"lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+
+
+def assemble(
+    path: object,
+    fmt: str,
+    *,
+    denoiser: Mapping[tuple[str, bool], ModuleWeights],
+    metadata: Mapping[str, str],
+    text_encoders: Mapping[str, ModuleWeights] | None = None,
+    tagged_text_encoders: Mapping[tuple[str, str], ModuleWeights] | None = None,
+) -> Adapter:
+    """The adapter of one file: the family decided and denoiser modules renamed (:func:`wsa.families.resolve`).
+
+    ``denoiser`` holds the denoiser's modules as spelled (``(path, underscored)``); ``text_encoders`` are
+    already canonical (``text_encoder.<path>``); ``tagged_text_encoders`` are ``(kohya prefix, dotted
+    path)`` pairs whose component the family decides (sd-scripts' ``lora_te3_`` is T5: ``text_encoder_2``
+    for Flux, ``text_encoder_3`` for SD3).
+    """
+    from wsa.families import FAMILIES, resolve
+    from wsa.formats.names import canonical_text_encoder_path
+
+    res = resolve(denoiser, metadata=metadata, path=path)
+    modules: dict[str, ModuleWeights] = dict(res.modules)
+    table = dict(DEFAULT_TEXT_ENCODERS)
+    if res.family:
+        table.update(FAMILIES.get(res.family).text_encoders)
+    extra = dict(text_encoders or {})
+    for (prefix, dotted), mod in (tagged_text_encoders or {}).items():
+        component = table.get(prefix)
+        if component is None:
+            raise FormatError(f"text-encoder prefix {prefix!r} means nothing for family {res.family or '?'}", path)
+        name = f"{component}.{canonical_text_encoder_path(dotted)}"
+        if name in extra:
+            raise FormatError(f"module {name!r} appears twice under different spellings", path)
+        extra[name] = mod
+    for name, mod in extra.items():
+        if name in modules:
+            raise FormatError(f"module {name!r} appears twice under different spellings", path)
+        modules[name] = mod
+    ordered = {k: modules[k] for k in sorted(modules, key=natural_key)}
+    source = res.source + (
+        f" (also fit: {', '.join(res.candidates)})" if res.candidates and "also" not in res.source else ""
+    )
+    return Adapter(str(path), fmt, ordered, dict(metadata), res.family, source, res.notes)
 
 
 def pattern_value(patterns: Mapping[str, object], module: str) -> object | None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
-from wsa.formats._modules import build_module, make_adapter, read_alpha, split_keys
+from wsa.formats._modules import assemble, build_module, read_alpha, split_keys, unscaled_bias
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes
-from wsa.formats.names import KOHYA_PREFIXES, kohya_module_to_canonical
+from wsa.formats.names import DENOISER_PREFIXES, KOHYA_PREFIXES, kohya_module_to_canonical, kohya_path_to_dotted
 
 LORA_SUFFIXES = {
     ".lora_down.weight": "down",
@@ -44,15 +44,39 @@ def read_prefixed(path: Path, file: TensorFile | None, base_shapes: BaseShapes |
     assert file is not None
     tensors = file.tensors()
     groups = split_keys(sorted(tensors), ALL_SUFFIXES, path)
-    modules: dict[str, ModuleWeights] = {}
+    denoiser: dict[tuple[str, bool], ModuleWeights] = {}
+    tagged: dict[tuple[str, str], ModuleWeights] = {}
+    onetrainer = False
     for raw_name, parts in groups.items():
-        name = kohya_module_to_canonical(raw_name)
-        if name is None:
+        prefix = next((p for p in KOHYA_PREFIXES if raw_name.startswith(p)), None)
+        if prefix is None:
             raise FormatError(f"unknown module prefix in {raw_name!r}", path)
-        if name in modules:
-            raise FormatError(f"module {name!r} appears twice under different spellings", path)
+        onetrainer = onetrainer or prefix == "lora_transformer_"
         alpha = read_alpha(tensors[parts.pop("alpha")], raw_name + ".alpha", path) if "alpha" in parts else None
-        modules[name] = build_module(
-            name, {p: tensors[k] for p, k in parts.items()}, alpha=alpha, path=path, base_shapes=base_shapes
+        rest = raw_name[len(prefix) :]
+        if prefix == "lora_unet_" and rest.startswith("_"):
+            rest = rest[1:]  # Wan-Fun writes `lora_unet__blocks_0_…` (ComfyUI's convert_lora_wan_fun)
+        # A conv's shape may need the canonical name; SD's is known before the family is (LDM names).
+        guess = kohya_module_to_canonical(raw_name) if prefix in DENOISER_PREFIXES else None
+        mod = build_module(
+            guess or raw_name,
+            {p: tensors[k] for p, k in parts.items()},
+            alpha=alpha,
+            path=path,
+            base_shapes=base_shapes,
         )
-    return make_adapter(path, fmt, modules, file.metadata)
+        if "bias" in parts and parts["bias"].endswith(".diff_b"):
+            mod = unscaled_bias(mod)
+        if prefix in DENOISER_PREFIXES:
+            if (rest, True) in denoiser:
+                raise FormatError(f"module {raw_name!r} appears twice", path)
+            denoiser[(rest, True)] = mod
+        else:
+            tagged[(prefix, kohya_path_to_dotted(rest))] = mod
+    return assemble(
+        path,
+        "onetrainer" if onetrainer and fmt == "kohya" else fmt,
+        denoiser=denoiser,
+        tagged_text_encoders=tagged,
+        metadata=file.metadata,
+    )

@@ -7,9 +7,12 @@ never with a fallback, so a file that smuggles code is refused with a one-line e
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import math
 import struct
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -99,9 +102,42 @@ class TensorFile:
         return self._header[1]
 
     def tensors(self) -> dict[str, Tensor]:
-        """All tensors, as stored (dtype kept), each checked to be finite."""
+        """All tensors, as stored (dtype kept), each checked to be finite.
+
+        Under :func:`header_only` a safetensors file gives ``meta`` tensors (shape and dtype, no values)
+        except scalars and other tiny tensors (alphas), which are read: every reader then runs as usual,
+        so a folder's families, module names and ranks come from headers alone.
+        """
+        if self.is_safetensors and _HEADER_ONLY.get():
+            return self._read_header_tensors()
         out = self._read_safetensors() if self.is_safetensors else self._pickle_state
         _check_all_finite(out, self.path)
+        return out
+
+    def _read_header_tensors(self) -> dict[str, Tensor]:
+        self.keys  # noqa: B018  (validates the header with safe_open first)
+        out: dict[str, Tensor] = {}
+        with self.path.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                dtype = _DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise FormatError(f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}", self.path)
+                shape = tuple(int(d) for d in info["shape"])
+                count = math.prod(shape)
+                start, end = info["data_offsets"]
+                if end - start != count * dtype.itemsize:
+                    raise FormatError(f"tensor {key!r}: byte range does not match shape {shape}", self.path)
+                if 0 < count <= _SMALL:
+                    fh.seek(8 + n + start)
+                    t = torch.frombuffer(bytearray(fh.read(end - start)), dtype=dtype).reshape(shape)
+                    check_finite(t, key, self.path)
+                    out[key] = t
+                else:
+                    out[key] = torch.empty(shape, dtype=dtype, device="meta")
         return out
 
     def _read_safetensors(self) -> dict[str, Tensor]:
@@ -136,6 +172,26 @@ class TensorFile:
                 continue
             out[key] = torch.frombuffer(raw, dtype=dtype, count=count, offset=base + start).reshape(shape)
         return out
+
+
+#: Tensors with at most this many values are read even under :func:`header_only` (alphas, scalars).
+_SMALL = 16
+_HEADER_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("wsa_header_only", default=False)
+
+
+@contextlib.contextmanager
+def header_only() -> Iterator[None]:
+    """Inside this block (in this thread), safetensors files are read from their headers alone."""
+    token = _HEADER_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _HEADER_ONLY.reset(token)
+
+
+def reading_headers_only() -> bool:
+    """Is this thread inside :func:`header_only`?"""
+    return _HEADER_ONLY.get()
 
 
 _DTYPES = {

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
-from wsa.formats._modules import build_module, make_adapter, pattern_value, read_alpha, split_keys
+from wsa.formats._modules import assemble, build_module, pattern_value, read_alpha, split_keys
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
 from wsa.formats.names import canonical_text_encoder_path, canonical_unet_path, processor_to_canonical
@@ -67,13 +67,14 @@ def _split_component(module: str) -> tuple[str, str, str]:
     return "unet.", "", module
 
 
-def _canonical(module: str, path: Path) -> str:
+def _canonical(module: str, path: Path) -> tuple[str, bool]:
+    """``(name, is_denoiser)``: text encoders get their canonical name here, denoiser paths go to the family."""
     _, prefix, rest = _split_component(module)
     if rest.rsplit(".", 1)[-1].endswith("_lora"):
         rest = processor_to_canonical(rest, text_encoder=bool(prefix))
     elif ".processor." in rest:
         raise FormatError(f"unexpected processor key {module!r}", path)
-    return prefix + canonical_text_encoder_path(rest) if prefix else canonical_unet_path(rest)
+    return (prefix + canonical_text_encoder_path(rest), False) if prefix else (rest, True)
 
 
 def _metadata_config(metadata: dict[str, str], path: Path) -> dict[str, dict]:
@@ -106,7 +107,7 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
     tensors = file.tensors()
     groups = split_keys(sorted(tensors), SUFFIXES, path)
     configs = _metadata_config(file.metadata, path)
-    modules: dict[str, ModuleWeights] = {}
+    modules: dict[tuple[str, bool], ModuleWeights] = {}
     for raw_name, parts in groups.items():
         for part in ("down", "up"):
             key = parts.get(part, "")
@@ -133,11 +134,11 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
                 raise FormatError(
                     f"header field {METADATA_KEY!r} has no usable lora_alpha for {file_prefix[:-1]!r}", path
                 ) from None
-        name = _canonical(raw_name, path)
-        if name in modules:
+        name, is_denoiser = _canonical(raw_name, path)
+        if (name, is_denoiser) in modules:
             raise FormatError(f"module {name!r} appears twice under different spellings", path)
         mod = build_module(
-            name,
+            canonical_unet_path(name) if is_denoiser else name,
             {p: tensors[k] for p, k in parts.items()},
             alpha=alpha,
             path=path,
@@ -154,8 +155,14 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
                 r = pattern_value(cfg.get("rank_pattern") or {}, rest) or cfg.get("r", mod.rank or 1)
                 scale = float(alpha) / float(r)  # type: ignore[arg-type]
             mod = ModuleWeights(mod.kind, mod.tensors, mod.shape, mod.rank, alpha, scale, mod.dora_axis)
-        modules[name] = mod
-    return make_adapter(path, "diffusers", modules, file.metadata)
+        modules[(name, is_denoiser)] = mod
+    return assemble(
+        path,
+        "diffusers",
+        denoiser={(n, False): m for (n, d), m in modules.items() if d},
+        text_encoders={n: m for (n, d), m in modules.items() if not d},
+        metadata=file.metadata,
+    )
 
 
 register(

@@ -19,10 +19,14 @@ import re
 KOHYA_PREFIXES: dict[str, str] = {
     "lora_unet_": "",
     "lycoris_": "",
+    "lora_transformer_": "",  # OneTrainer (DiT families): diffusers paths with '_'
     "lora_te1_": "text_encoder.",
     "lora_te2_": "text_encoder_2.",
+    "lora_te3_": "text_encoder_3.",  # sd-scripts' T5; the family decides its component (wsa.families)
     "lora_te_": "text_encoder.",
 }
+#: The prefixes that name the denoiser (the rest name text encoders).
+DENOISER_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
 
 # Identifiers made of several '_'-joined words in SD/SDXL UNets and CLIP text encoders. kohya turns
 # every '.' into '_', so these are what tells a word separator from a path separator.
@@ -79,6 +83,21 @@ _COMPOUNDS: tuple[tuple[str, ...], ...] = tuple(
             "proj_mlp",
             "ff_context",
             "norm1_context",
+            # T5 and LLM text encoders (sd-scripts lora_te3_, musubi/Lumina lora_te_)
+            "SelfAttention",
+            "EncDecAttention",
+            "DenseReluDense",
+            "wi_0",
+            "wi_1",
+            "layer_norm",
+            "relative_attention_bias",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "o_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "embed_tokens",
         ],
         key=lambda w: -w.count("_"),
     )
@@ -179,7 +198,7 @@ def canonical_unet_path(path: str) -> str:
     return path
 
 
-_CLIP_TEXT_ROOTS = ("encoder.", "embeddings.", "final_layer_norm")
+_CLIP_TEXT_ROOTS = ("encoder.layers.", "embeddings.", "final_layer_norm")  # not T5's "encoder.block."
 
 
 def canonical_text_encoder_path(path: str) -> str:

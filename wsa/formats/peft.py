@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
-from wsa.formats._modules import build_module, make_adapter, pattern_value, split_keys
+from wsa.formats._modules import assemble, build_module, pattern_value, split_keys
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
 from wsa.formats.names import canonical_text_encoder_path
@@ -70,7 +70,7 @@ def _read_component(prefix: str, folder: Path, base_shapes: BaseShapes | None) -
     modules: dict[str, ModuleWeights] = {}
     for raw_name, parts in groups.items():
         name = raw_name.removeprefix("base_model.model.")
-        canonical = prefix + canonical_text_encoder_path(name) if prefix else name
+        canonical = prefix + canonical_text_encoder_path(name) if prefix else name  # denoiser: the family names it
         r = pattern_value(config.get("rank_pattern") or {}, name) or rank_default
         alpha = pattern_value(config.get("alpha_pattern") or {}, name)
         alpha = float(alpha_default if alpha is None else alpha)  # type: ignore[arg-type]
@@ -106,13 +106,17 @@ def _read_component(prefix: str, folder: Path, base_shapes: BaseShapes | None) -
 
 
 def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -> Adapter:
-    modules: dict[str, ModuleWeights] = {}
+    denoiser: dict[tuple[str, bool], ModuleWeights] = {}
+    text_encoders: dict[str, ModuleWeights] = {}
     metadata: dict[str, str] = {}
     for prefix, folder in component_folders(path):
         mods, meta = _read_component(prefix, folder, base_shapes)
-        modules.update(mods)
+        if prefix:
+            text_encoders.update(mods)
+        else:
+            denoiser.update({(n, False): m for n, m in mods.items()})
         metadata.update(meta)
-    return make_adapter(path, "peft", modules, metadata)
+    return assemble(path, "peft", denoiser=denoiser, text_encoders=text_encoders, metadata=metadata)
 
 
 register(

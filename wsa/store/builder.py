@@ -38,7 +38,9 @@ from wsa.errors import CollectionError, ConfigError, StoreError, WsaError
 from wsa.store.discover import Source, discover
 from wsa.store.layout import REPRESENTATIONS, Layout
 from wsa.store.representations import Mismatch, delta_norm, encode, layout_for
+from wsa.store.scan import Scanned, describe_groups, family_groups, max_ranks, scan
 from wsa.store.store import FORMAT_VERSION, MANIFEST, Store
+from wsa.training_metadata import parse_training_metadata
 
 MODULE_MODES = ("exact", "intersect", "union")
 DTYPES = ("float32", "float16")
@@ -52,6 +54,7 @@ class IngestOptions:
     repr: str = "raw"
     dtype: str = "float32"
     modules: str = "exact"
+    family: str | None = None  # None: the collection's one family (several: an error listing them)
 
     def validate(self) -> None:
         if self.repr not in REPRESENTATIONS:
@@ -60,20 +63,32 @@ class IngestOptions:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.modules not in MODULE_MODES:
             raise ConfigError(f"--modules must be one of {', '.join(MODULE_MODES)}; got {self.modules!r}")
+        if self.family is not None and self.family != "unknown":
+            from wsa.families import FAMILIES
+
+            FAMILIES.get(self.family)  # an unknown name fails with the choices
         if self.modules == "union" and self.repr != "delta":
             raise ConfigError("--modules union needs --repr delta (a missing module is ΔW = 0 only there)")
 
 
-def signature(adapter: Adapter) -> tuple:
-    """What must agree for two adapters to share a raw/canonical layout."""
+def signature(adapter: Adapter, repr: str = "raw") -> tuple:
+    """What must agree for two adapters to share a layout.
+
+    ``raw`` needs the same ranks (factors are stored as they are); ``canonical`` and ``delta`` pad or densify
+    every LoRA module, so a plain LoRA's rank does not count there.
+    """
+
+    def padded(m) -> bool:
+        return repr != "raw" and m.kind == "lora" and "mid" not in m.tensors and not m.is_dora
+
     return tuple(
         (
             name,
             m.kind,
             m.shape,
-            m.rank,
+            0 if padded(m) else m.rank,
             m.is_dora,
-            tuple(sorted((k, tuple(t.shape)) for k, t in m.tensors.items())),
+            () if padded(m) else tuple(sorted((k, tuple(t.shape)) for k, t in m.tensors.items())),
         )
         for name, m in adapter.modules.items()
     )
@@ -109,7 +124,7 @@ def _allocate(path: Path, n_rows: int, n_features: int, dtype: str) -> int:
 
 
 def _choose_layout(
-    sources: list[Source], opts: IngestOptions, workers: int, progress: bool
+    sources: list[Source], opts: IngestOptions, workers: int, progress: bool, ranks: dict[str, int] | None = None
 ) -> tuple[Layout, list[tuple[str, str]]]:
     """Layout of the collection: the most common signature among a spread sample (``exact``),
     or the module intersection/union over all adapters (a full pre-pass)."""
@@ -131,10 +146,10 @@ def _choose_layout(
             problems,
         )
     if opts.modules == "exact":
-        counts = Counter(signature(a) for a in loaded)
+        counts = Counter(signature(a, opts.repr) for a in loaded)
         best = counts.most_common(1)[0][0]
-        reference = next(a for a in loaded if signature(a) == best)
-        return layout_for(reference, opts.repr), []
+        reference = next(a for a in loaded if signature(a, opts.repr) == best)
+        return layout_for(reference, opts.repr, ranks=ranks), []
     sets = [set(a.modules) for a in loaded]
     names = set.intersection(*sets) if opts.modules == "intersect" else set.union(*sets)
     if not names:
@@ -148,7 +163,7 @@ def _choose_layout(
 
     ordered = sorted(merged, key=natural_key)
     reference = Adapter("<merged reference>", "mixed", {n: merged[n] for n in ordered})
-    return layout_for(reference, opts.repr), problems
+    return layout_for(reference, opts.repr, ranks=ranks), problems
 
 
 def _map_loads(
@@ -187,6 +202,7 @@ def ingest(
     repr: str = "raw",
     dtype: str = "float32",
     modules: str = "exact",
+    family: str | None = None,
     skip_bad: bool = False,
     workers: int | None = None,
     rehash: bool = False,
@@ -204,6 +220,8 @@ def ingest(
     dtype : ``"float32"`` (default) or ``"float16"`` storage.
     modules : ``"exact"`` (every adapter must have the layout's modules), ``"intersect"``
         (keep the modules all adapters share) or ``"union"`` (``delta`` only; missing modules are 0).
+    family : keep only this model family's adapters (``flux1``, ``sdxl``, …; ``unknown`` for files no family
+        fits); the others are listed in the manifest's ``left_out``. Default: the collection must hold one.
     skip_bad : leave out files that cannot be read or do not fit, reporting each with its reason,
         instead of failing with the list.
     workers : reader threads (default: number of CPUs, at most 8).
@@ -213,7 +231,7 @@ def ingest(
         :class:`wsa.dask_engine.ChunkedExecutor` on a Dask cluster (rows come back to this process,
         which writes the store as usual).
     """
-    opts = IngestOptions(repr=repr, dtype=dtype, modules=modules)
+    opts = IngestOptions(repr=repr, dtype=dtype, modules=modules, family=family)
     opts.validate()
     out = Path(out)
     workers = workers or min(8, os.cpu_count() or 1)
@@ -225,6 +243,7 @@ def ingest(
     out.mkdir(parents=True, exist_ok=True)
     partial = out / ".partial"
     old = Store(out) if (out / MANIFEST).is_file() else None
+    sources, left_out, ranks = _select_family(sources, opts, workers, progress, old)
     config = asdict(opts)
 
     plan = _load_plan(partial, config, sources)
@@ -235,7 +254,7 @@ def ingest(
         if old is not None and old.manifest.get("config") == config:
             layout, scan_problems = old.layout, []
         else:
-            layout, scan_problems = _choose_layout(sources, opts, workers, progress)
+            layout, scan_problems = _choose_layout(sources, opts, workers, progress, ranks)
         plan = {
             "config": config,
             "layout": layout.to_json(),
@@ -243,6 +262,7 @@ def ingest(
             "fingerprints": [s.fingerprint() for s in sources],
             "token": secrets.token_hex(4),
             "scan_problems": scan_problems,
+            "left_out": left_out,
         }
         partial.mkdir(parents=True)
         _allocate(partial / f"matrix-{plan['token']}.npy", len(sources), layout.n_features, opts.dtype)
@@ -252,6 +272,59 @@ def ingest(
     return _build(
         out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list, executor
     )
+
+
+def _select_family(
+    sources: list[Source], opts: IngestOptions, workers: int, progress: bool, old: Store | None = None
+) -> tuple[list[Source], list[list[str]], dict[str, int] | None]:
+    """The sources of the store's one family, the others as ``[path, reason]``, and the largest rank per module.
+
+    A folder of several families and no ``family`` chosen is an error that lists the groups: one store
+    holds one family (``wsa analyze`` fits one space per family). Files whose header cannot be read stay
+    in, so the ingest reports them with the reason as before.
+    """
+    if all(s.loader is not None for s in sources):
+        return sources, [], None  # a dataset: one matrix, one layout
+    scanned = _scan_reusing(old, sources, opts, workers, progress)
+    groups = family_groups(sources, scanned)
+    if opts.family is None and len(groups) > 1:
+        raise CollectionError(
+            f"the adapters belong to {len(groups)} model families: {describe_groups(groups)}; "
+            "a store holds one family: pass --family NAME (or use `wsa analyze`, which fits one space per family)"
+        )
+    chosen = opts.family if opts.family is not None else next(iter(groups), None)
+    if opts.family is not None and opts.family not in groups:
+        raise CollectionError(
+            f"no adapter of family {opts.family!r} here (found: {describe_groups(groups) or 'none readable'})"
+        )
+    keep = [i for i, s in enumerate(scanned) if s.problem is not None or s.family == chosen]
+    left_out = [
+        [str(sources[i].path), f"family {s.family}, not {chosen}"]
+        for i, s in enumerate(scanned)
+        if s.problem is None and s.family != chosen
+    ]
+    ranks = max_ranks(scanned[i] for i in keep) if opts.repr == "canonical" else None
+    return [sources[i] for i in keep], left_out, ranks
+
+
+def _scan_reusing(old: Store | None, sources: list[Source], opts: IngestOptions, workers: int, progress: bool):
+    """:func:`scan`, except for files the previous store already holds unchanged (their family and ranks known).
+
+    Ranks of a reused row are the old layout's (its maximum per module, which bounds the row's own).
+    """
+    known: dict[str, Scanned] = {}
+    if old is not None and old.manifest.get("config") == asdict(opts):
+        ranks = {m.name: m.rank for m in old.layout.modules}
+        for row in old.rows:
+            if row.get("family"):
+                known[row["id"]] = (row["source"], row["files"], Scanned(row["family"], ranks))  # type: ignore[assignment]
+    todo = [i for i, s in enumerate(sources) if not _same(known.get(s.id), s)]
+    fresh = dict(zip(todo, scan([sources[i] for i in todo], workers, progress and len(todo) > 0), strict=True))
+    return [fresh[i] if i in fresh else known[s.id][2] for i, s in enumerate(sources)]  # type: ignore[index]
+
+
+def _same(entry, src: Source) -> bool:
+    return entry is not None and entry[0] == str(src.path) and entry[1] == src.fingerprint()
 
 
 def _unchanged(old: Store, config: dict, sources: list[Source]) -> bool:
@@ -428,6 +501,8 @@ def _encode_source_general(src: Source, layout: Layout) -> tuple[dict, np.ndarra
         **base,
         "sha256": _hash_files(src.files) if src.row is None else f"row:{src.row}",
         "format": adapter.format,
+        "family": adapter.family or "unknown",
+        "training": parse_training_metadata(adapter.metadata),
         "kinds": adapter.kinds,
         "n_params": adapter.n_params,
         "delta_norm": round(delta_norm(adapter), 9) if not any(m.is_dora for m in adapter.modules.values()) else None,
@@ -463,6 +538,11 @@ def _encode_rows(
         for i, (entry, row) in _bounded(pool, lambda i: _encode_source(sources[i], layout), todo, workers * 4, bar):
             record(i, entry, row)
     bar.close()
+
+
+def _store_family(facts: dict, good: list[int]) -> str:
+    found = Counter(facts[i].get("family") or "unknown" for i in good)
+    return found.most_common(1)[0][0] if found else "unknown"
 
 
 def _finalize(
@@ -506,6 +586,8 @@ def _finalize(
         "layout": plan["layout"],
         "rows": rows,
         "problems": [{"source": p, "reason": r} for p, r in problems],
+        "left_out": [{"source": p, "reason": r} for p, r in plan.get("left_out", [])],
+        "family": _store_family(facts, good),
         "config": plan["config"],
         "inputs": [str(p) for p in path_list],
     }

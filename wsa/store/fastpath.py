@@ -13,6 +13,7 @@ the general path, so the store is the same either way (tested).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -43,6 +44,8 @@ class _Template:
     rank1: tuple[tuple[int, int, float], ...]  # rank-1 modules in layout order: (up segment, down segment, scale)
     general: tuple[tuple[int, int, int, int, int, float], ...]  # else: (up off, up size, down off, down size, r, scale)
     data_end: int  # bytes a file must have
+    family: str = ""  # from the verifying file: one (config, header) pair has one family and metadata
+    training: tuple[tuple[str, object], ...] = ()
 
 
 def _read(path: Path) -> tuple[bytes, int] | None:
@@ -175,6 +178,8 @@ def _fast(src, config: bytes, data: bytes, template: _Template, layout: Layout) 
         "row": None,
         "sha256": digest.hexdigest(),
         "format": "peft",
+        "family": template.family,
+        "training": dict(template.training),
         "kinds": ["lora"],
         "n_params": int(layout.n_features),
         "delta_norm": round(_norm(row, template), 9),
@@ -220,6 +225,8 @@ def encode_fast(src, layout: Layout, slow) -> tuple[dict, np.ndarray | None] | N
         except (ValueError, KeyError, TypeError):
             candidate = None
         if candidate is not None:
+            training = tuple(sorted(facts.get("training", {}).items()))
+            candidate = dataclasses.replace(candidate, family=facts.get("family", ""), training=training)
             check = _fast(src, config_bytes, data, candidate, layout)
             if check is None or check[0] != facts or not np.array_equal(check[1], np.asarray(row, np.float32)):
                 candidate = None

@@ -43,8 +43,14 @@ def _factor_shapes(mod: ModuleWeights, rank: int) -> list[tuple[str, tuple[int, 
     return [("down", (rank, *down.shape[1:])), ("up", (up.shape[0], rank, *up.shape[2:]))]
 
 
-def layout_for(reference: Adapter, repr: str, modules: list[str] | None = None) -> Layout:
-    """The layout a collection takes from one reference adapter (its modules, ranks and scales)."""
+def layout_for(
+    reference: Adapter, repr: str, modules: list[str] | None = None, ranks: dict[str, int] | None = None
+) -> Layout:
+    """The layout a collection takes from one reference adapter (its modules, ranks and scales).
+
+    ``ranks``: the collection's largest rank per module (``canonical``): every row is padded to it with zero
+    components, which leaves ``B·A`` unchanged, so one layout holds any mix of ranks.
+    """
     names = list(reference.modules) if modules is None else modules
     specs = []
     for name in names:
@@ -53,7 +59,8 @@ def layout_for(reference: Adapter, repr: str, modules: list[str] | None = None) 
         if repr == "raw":
             specs.append((name, mod.kind, mod.shape, mod.rank, mod.scale, _raw_parts(mod), mod.dora_axis))
         elif repr == "canonical" and _is_plain_lora(mod):
-            specs.append((name, "lora", mod.shape, mod.rank, 1.0, _factor_shapes(mod, mod.rank) + bias, None))
+            rank = max(mod.rank, (ranks or {}).get(name, 0))
+            specs.append((name, "lora", mod.shape, rank, 1.0, _factor_shapes(mod, rank) + bias, None))
         else:
             if mod.is_dora:
                 raise Mismatch(f"module {name!r} is DoRA: its ΔW needs base weights; use --repr raw")
@@ -114,7 +121,11 @@ def _module_values(ml, mod: ModuleWeights, repr: str) -> dict[str, torch.Tensor]
                 f"module {ml.name!r} is {mod.kind}{'+dora' if mod.is_dora else ''}, layout expects {ml.kind}"
             )
         if mod.rank != ml.rank:
-            raise Mismatch(f"module {ml.name!r} has rank {mod.rank}, layout rank {ml.rank} (try --repr delta)")
+            raise Mismatch(
+                f"module {ml.name!r} has rank {mod.rank}, the collection's is {ml.rank}: raw keeps w2w's factor "
+                "geometry, which needs one rank per module; use --repr canonical (pads every module to the "
+                "largest rank, exact)"
+            )
         values = dict(mod.tensors)
         ratio = mod.scale / ml.scale if ml.scale else 1.0
         if not math.isclose(ratio, 1.0, rel_tol=1e-7):

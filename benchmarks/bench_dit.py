@@ -1,0 +1,192 @@
+"""DiT-sized LoRAs: a folder of Flux.1-shaped files through ingest and the gauge-invariant ΔW PCA.
+
+    .venv/bin/python benchmarks/bench_dit.py --n 200 --data bench-data/flux
+
+Generates ``--n`` LoRA files shaped like what ai-toolkit writes for FLUX.1-dev (diffusers keys
+``transformer.<module>.lora_A/B.weight``, bf16, every Linear of the 19 double and 38 single blocks),
+rank 16 for three files in four and rank 8 for the rest, so the store must pad (mixed ranks): ~77 M
+parameters (154 MB) per rank-16 file. Each file is a planted low-rank structure plus noise so the
+spectrum has something to find. Then measures, in separate processes (peak RSS from /proc):
+
+* a one-thread plain read of the files (the disk's rate, same cache state);
+* ``wsa ingest --repr canonical --dtype float16`` (gauge-fixed factors, padded to rank 16; ΔW is never
+  formed: 77 M factor numbers per adapter instead of 9.7 G ΔW entries);
+* ``wsa analyze --repr delta --analyzers pca`` on that store: the PCA of ΔW from factor Gram products.
+
+Writes the section "DiT-sized LoRAs (Flux.1 shape)" of docs/benchmarks.md. Disk: ~0.14 GB × n of files
+(kept in ``--data`` for reuse) and ~0.15 GB × n of store (deleted after unless ``--keep``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_ingest import code_version, drop_caches, machine, plain_read, run_measured, wsa_exe
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## DiT-sized LoRAs (Flux.1 shape)"
+HIDDEN = 3072
+MLP = 4 * HIDDEN
+
+
+def flux_modules() -> list[tuple[str, int, int]]:
+    """``(diffusers module, out, in)`` of every Linear a full Flux.1-dev LoRA targets."""
+    d, out = HIDDEN, []
+    for i in range(19):
+        b = f"transformer_blocks.{i}"
+        for leaf in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            out.append((f"{b}.attn.{leaf}", d, d))
+        out += [(f"{b}.attn.to_out.0", d, d), (f"{b}.attn.to_add_out", d, d)]
+        for ff in ("ff", "ff_context"):
+            out += [(f"{b}.{ff}.net.0.proj", MLP, d), (f"{b}.{ff}.net.2", d, MLP)]
+        out += [(f"{b}.norm1.linear", 6 * d, d), (f"{b}.norm1_context.linear", 6 * d, d)]
+    for i in range(38):
+        b = f"single_transformer_blocks.{i}"
+        out += [(f"{b}.attn.{leaf}", d, d) for leaf in ("to_q", "to_k", "to_v")]
+        out += [(f"{b}.proj_mlp", MLP, d), (f"{b}.proj_out", d, d + MLP), (f"{b}.norm.linear", 3 * d, d)]
+    return out
+
+
+def _generate_one(path: str, rank: int, seed: int, basis_seed: int) -> int:
+    import torch
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.Generator().manual_seed(basis_seed)
+    tensors = {}
+    for name, o, i in flux_modules():
+        # a planted component shared by all files (its coefficient varies) + per-file noise
+        a0 = torch.randn(1, i, generator=shared) / i**0.5
+        b0 = torch.randn(o, 1, generator=shared) * 0.01
+        c = float(torch.randn(1, generator=g))
+        down = torch.randn(rank, i, generator=g) / i**0.5
+        up = torch.randn(o, rank, generator=g) * 0.002
+        down[0] = a0[0]
+        up[:, 0] = b0[:, 0] * (1 + c)
+        tensors[f"transformer.{name}.lora_A.weight"] = down.to(torch.bfloat16)
+        tensors[f"transformer.{name}.lora_B.weight"] = up.to(torch.bfloat16)
+    meta = {"ss_base_model_version": "flux1", "ss_network_dim": str(rank), "software": "bench_dit"}
+    save_file(tensors, path, metadata=meta)
+    return os.path.getsize(path)
+
+
+def generate(folder: Path, n: int, procs: int) -> tuple[float, int]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = [(str(folder / f"lora_{k:04d}.safetensors"), 8 if k % 4 == 3 else 16, k, 12345) for k in range(n)]
+    todo = [t for t in todo if not Path(t[0]).is_file()]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(procs) as pool:
+        list(pool.map(_generate_one, *zip(*todo, strict=True))) if todo else None
+    total = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return time.perf_counter() - t0, total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--data", default="bench-data/flux")
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--doc", default=str(ROOT / "docs/benchmarks.md"))
+    args = p.parse_args()
+
+    folder = Path(args.data) / f"n{args.n}"
+    t_gen, total = generate(folder, args.n, args.procs)
+    files = sorted(folder.glob("*.safetensors"))[: args.n]
+    print(f"generated {len(files)} files, {total / 1e9:.1f} GB in {t_gen:.0f} s", file=sys.stderr)
+
+    cold = drop_caches()
+    t_read, n_bytes = plain_read(files)
+    store = Path(args.data) / f"store-n{args.n}"
+    shutil.rmtree(store, ignore_errors=True)
+    report = Path(args.data) / f"report-n{args.n}"
+    shutil.rmtree(report, ignore_errors=True)
+    cold = drop_caches() and cold
+    ingest_cmd = [wsa_exe(), "ingest", str(folder), "--out", str(store), "--repr", "canonical"]
+    ingest_cmd += ["--dtype", "float16", "--quiet"]
+    ing = run_measured(ingest_cmd, len(files), store / ".partial" / "rows.jsonl")
+    manifest = json.loads((store / "wsa_store.json").read_text())
+    n_features = manifest["n_features"]
+    analyze_cmd = [wsa_exe(), "analyze", str(store), "--out", str(report), "--repr", "delta"]
+    analyze_cmd += ["--analyzers", "pca", "--n-components", str(args.k), "--quiet"]
+    ana = run_measured(analyze_cmd, len(files), None)
+    results = json.loads((report / "results.json").read_text())
+    pca = next(r for r in results["results"] if r["analyzer"] == "pca")
+    ranks = sorted({m["rank"] for m in manifest["layout"]["modules"]})
+    mods = flux_modules()
+    delta_entries = sum(o * i for _, o, i in mods)
+    mach = machine()
+    record = {
+        "n": len(files),
+        "bytes": n_bytes,
+        "plain_read_s": round(t_read, 2),
+        "plain_read_mb_s": round(n_bytes / t_read / 1e6, 1),
+        "ingest": ing,
+        "analyze": ana,
+        "n_features": n_features,
+        "layout_ranks": ranks,
+        "delta_entries_per_adapter": delta_entries,
+        "cold_cache": cold,
+        "pca_summary": pca["summary"],
+        "machine": mach,
+        "commit": code_version(),
+    }
+    out_json = ROOT / "docs" / "measurements" / f"dit-flux-n{len(files)}.json"
+    out_json.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    cache = "cold cache (page cache dropped)" if cold else "warm cache (could not drop the page cache)"
+    block = "\n".join(
+        [
+            "",
+            f"Produced by `benchmarks/bench_dit.py --n {args.n}` on commit {record['commit']}, {mach['cpu']}, "
+            f"{mach['nproc']} cores, {mach['ram_gb']:.0f} GiB RAM, {cache}; raw numbers in "
+            f"`docs/measurements/{out_json.name}`.",
+            "",
+            f"{len(files)} Flux.1-shaped LoRA files (ai-toolkit/diffusers keys, bf16, {len(mods)} modules, rank 16 "
+            f"and 8 mixed), {n_bytes / 1e9:.1f} GB. The store pads every module to rank {ranks[-1]}: "
+            f"{n_features:,} gauge-fixed factor numbers per adapter (float16), where dense ΔW would be "
+            f"{delta_entries:,} ({delta_entries / n_features:.0f}×).",
+            "",
+            "| step | seconds | rate | peak RSS |",
+            "|---|---|---|---|",
+            f"| plain read of the files (one thread) | {t_read:.1f} | {n_bytes / t_read / 1e6:.0f} MB/s | - |",
+            f"| `wsa ingest --repr canonical --dtype float16` | {ing['wall']:.1f} | "
+            f"{n_bytes / ing['wall'] / 1e6:.0f} MB/s ({t_read / ing['wall']:.2f}× the plain read) | "
+            f"{ing['maxrss_gb']:.2f} GiB (anon {ing['peak_anon_gb']:.2f}) |",
+            f"| `wsa analyze --repr delta --analyzers pca --n-components {args.k}` (ΔW PCA from factor Grams) | "
+            f"{ana['wall']:.1f} | - | {ana['maxrss_gb']:.2f} GiB (anon {ana['peak_anon_gb']:.2f}) |",
+            "",
+            f"PCA: {pca['summary']}",
+            "",
+        ]
+    )
+    _write(Path(args.doc), block)
+    if not args.keep:
+        shutil.rmtree(store, ignore_errors=True)
+    print(block)
+
+
+def _write(path: Path, block: str) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if SECTION in text:
+        head, _, rest = text.partition(SECTION)
+        nxt = rest.find("\n## ")
+        tail = "" if nxt < 0 else rest[nxt:]
+        text = head + SECTION + "\n" + block + tail
+    else:
+        text = text.rstrip() + "\n\n" + SECTION + "\n" + block
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

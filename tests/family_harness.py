@@ -1,0 +1,66 @@
+"""Shared by the per-family tests: the ΔW diffusers itself computes for a LoRA file on a tiny model.
+
+The reference is diffusers' own loading path: ``<Family>LoraLoaderMixin.lora_state_dict`` (where
+every trainer-format converter runs) and ``ModelMixin.load_lora_adapter``, then PEFT's merge
+(``tests.tiny.reference_deltas``: merged minus base weight, in float64).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import wsa
+from tests.tiny import reference_deltas, relative_error
+
+
+def diffusers_deltas(mixin: type, model: nn.Module, file: Path, prefix: str = "transformer") -> dict[str, Tensor]:
+    """ΔW per diffusers module path for ``file`` loaded by ``mixin`` into ``model`` (left unloaded after)."""
+    kwargs = {"return_alphas": True} if "return_alphas" in inspect.signature(mixin.lora_state_dict).parameters else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = mixin.lora_state_dict(str(file), **kwargs)
+        state, alphas = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+        # diffusers' kohya Flux converter leaves the top-level modules (x_embedder, proj_out, norm_out, ...)
+        # without the component prefix, and load_lora_adapter(prefix=...) would then drop them silently;
+        # they are the denoiser's, so they get the prefix here.
+        state = {
+            (k if k.startswith(f"{prefix}.") else f"{prefix}.{k}"): v
+            for k, v in state.items()
+            if not k.startswith("text_encoder")
+        }
+        model.load_lora_adapter(state, network_alphas=alphas, prefix=prefix, adapter_name="default")
+    try:
+        return reference_deltas(model)
+    finally:
+        model.delete_adapters("default")
+
+
+def assert_same_deltas(file: Path, reference: Mapping[str, Tensor], family: str, rtol: float = 1e-5) -> wsa.Adapter:
+    """wsa's adapter for ``file`` has exactly ``reference``'s denoiser modules and the same ΔW for each."""
+    adapter = wsa.load_adapter(file)
+    assert adapter.family == family, (adapter.family, adapter.family_source)
+    denoiser = {n for n in adapter.modules if not n.startswith("text_encoder")}
+    assert denoiser == set(reference), (sorted(denoiser ^ set(reference)))[:6]
+    for name, expected in reference.items():
+        got = adapter.delta(name)
+        assert got.shape == expected.shape, (name, got.shape, expected.shape)
+        assert relative_error(got, expected) < rtol, (name, relative_error(got, expected))
+    return adapter
+
+
+def random_lora(out_features: int, in_features: int, rank: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(down, up)`` with both factors non-zero, so ΔW is not trivially zero."""
+    down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+    up = torch.randn(out_features, rank, generator=generator) / rank**0.5
+    return down, up
+
+
+def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module path: (out, in)}`` of every Linear of ``model``."""
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}  # type: ignore[misc]

@@ -1,0 +1,109 @@
+"""FLUX.1 (dev, schnell, Kontext, Krea) and the models that keep its keys.
+
+Native names are Black Forest Labs' checkpoint names (what sd-scripts, musubi, ComfyUI and Forge
+write); the map to diffusers' ``FluxTransformer2DModel`` is diffusers'
+``_convert_kohya_flux_lora_to_diffusers`` and ``scripts/convert_flux_to_diffusers.py``: fused
+``qkv`` splits into three, single blocks' ``linear1`` into q, k, v (the input width each) and
+``proj_mlp`` (the rest), and ``final_layer.adaLN_modulation.1`` swaps its shift/scale halves.
+XLabs' processor names (``processor.qkv_lora1``) are diffusers' ``_convert_xlabs_flux_lora_to_diffusers``.
+"""
+
+from __future__ import annotations
+
+from wsa.families.base import Family, equal, heads_then_rest, native, swap_halves
+from wsa.families.registry import register
+
+_D = "transformer_blocks.{i}"
+_S = "single_transformer_blocks.{i}"
+
+#: BFL double/single-block and top-level modules -> diffusers (shared with Chroma and Flux.2 where they agree).
+DOUBLE = (
+    native("double_blocks.{i}.img_attn.qkv", f"{_D}.attn.to_q", f"{_D}.attn.to_k", f"{_D}.attn.to_v", split=equal(3)),
+    native("double_blocks.{i}.img_attn.proj", f"{_D}.attn.to_out.0"),
+    native("double_blocks.{i}.img_mlp.0", f"{_D}.ff.net.0.proj"),
+    native("double_blocks.{i}.img_mlp.2", f"{_D}.ff.net.2"),
+    native("double_blocks.{i}.img_mod.lin", f"{_D}.norm1.linear"),
+    native(
+        "double_blocks.{i}.txt_attn.qkv",
+        f"{_D}.attn.add_q_proj",
+        f"{_D}.attn.add_k_proj",
+        f"{_D}.attn.add_v_proj",
+        split=equal(3),
+    ),
+    native("double_blocks.{i}.txt_attn.proj", f"{_D}.attn.to_add_out"),
+    native("double_blocks.{i}.txt_mlp.0", f"{_D}.ff_context.net.0.proj"),
+    native("double_blocks.{i}.txt_mlp.2", f"{_D}.ff_context.net.2"),
+    native("double_blocks.{i}.txt_mod.lin", f"{_D}.norm1_context.linear"),
+    native("double_blocks.{i}.img_attn.norm.query_norm", f"{_D}.attn.norm_q"),
+    native("double_blocks.{i}.img_attn.norm.key_norm", f"{_D}.attn.norm_k"),
+    native("double_blocks.{i}.txt_attn.norm.query_norm", f"{_D}.attn.norm_added_q"),
+    native("double_blocks.{i}.txt_attn.norm.key_norm", f"{_D}.attn.norm_added_k"),
+)
+SINGLE = (
+    native(
+        "single_blocks.{i}.linear1",
+        f"{_S}.attn.to_q",
+        f"{_S}.attn.to_k",
+        f"{_S}.attn.to_v",
+        f"{_S}.proj_mlp",
+        split=heads_then_rest(3),
+    ),
+    native("single_blocks.{i}.linear2", f"{_S}.proj_out"),
+    native("single_blocks.{i}.modulation.lin", f"{_S}.norm.linear"),
+    native("single_blocks.{i}.norm.query_norm", f"{_S}.attn.norm_q"),
+    native("single_blocks.{i}.norm.key_norm", f"{_S}.attn.norm_k"),
+)
+TOP = (
+    native("img_in", "x_embedder"),
+    native("txt_in", "context_embedder"),
+    native("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+    native("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+    native("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+    native("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+    native("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+    native("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    native("final_layer.linear", "proj_out"),
+    native("final_layer.adaLN_modulation.1", "norm_out.linear", split=swap_halves),
+)
+XLABS = (
+    native(
+        "double_blocks.{i}.processor.qkv_lora1",
+        f"{_D}.attn.to_q",
+        f"{_D}.attn.to_k",
+        f"{_D}.attn.to_v",
+        split=equal(3),
+    ),
+    native("double_blocks.{i}.processor.proj_lora1", f"{_D}.attn.to_out.0"),
+    native(
+        "double_blocks.{i}.processor.qkv_lora2",
+        f"{_D}.attn.add_q_proj",
+        f"{_D}.attn.add_k_proj",
+        f"{_D}.attn.add_v_proj",
+        split=equal(3),
+    ),
+    native("double_blocks.{i}.processor.proj_lora2", f"{_D}.attn.to_add_out"),
+    native(
+        "single_blocks.{i}.processor.qkv_lora", f"{_S}.attn.to_q", f"{_S}.attn.to_k", f"{_S}.attn.to_v", split=equal(3)
+    ),
+    native("single_blocks.{i}.processor.proj_lora", f"{_S}.proj_out"),
+)
+
+#: Text encoders: sd-scripts writes CLIP-L as ``lora_te1_`` and T5 as ``lora_te3_``; OneTrainer T5 as ``lora_te2_``.
+TEXT_ENCODERS = {
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_2",
+}
+
+FLUX1 = register(
+    Family(
+        name="flux1",
+        title="FLUX.1 (dev, schnell, Kontext, Krea)",
+        denoiser="transformer",
+        natives=DOUBLE + SINGLE + TOP + XLABS,
+        metadata_names=("flux-1", "flux.1", "flux1", "flux-dev", "flux-schnell", "flux-kontext", "flux-krea"),
+        text_encoders=TEXT_ENCODERS,
+        hidden_sizes=(3072,),
+    )
+)

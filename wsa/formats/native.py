@@ -1,0 +1,124 @@
+"""Files keyed by module paths with a model-level prefix, or none: what most post-2025 DiT trainers write.
+
+The conventions (formats-2026.md), told apart by their prefix and suffixes:
+
+* ``diffusion_model.<path>`` (also ``model.diffusion_model.``): ComfyUI's saved and extracted LoRAs, ostris
+  ai-toolkit (Flux.2, Qwen-Image, Z-Image, Chroma, HiDream, LTX, Wan), diffusion-pipe, the LTX trainer —
+  with ``lora_A/lora_B`` or ``lora_down/lora_up/alpha``, ``.diff`` (a full weight delta, e.g. a norm) and
+  ``.diff_b`` (a bias delta);
+* ``base_model.model.<path>``: PEFT's state dict saved as one file (fal's Kontext LoRAs, PixArt);
+* no prefix: DiffSynth (``<path>.lora_A.default.weight``), XLabs (``double_blocks.0.processor.qkv_lora1.down.weight``),
+  BFL's control LoRAs (``double_blocks.0.img_attn.qkv.lora_A.weight``, ``lora_B.bias``);
+* ComfyUI's text encoders as ``text_encoders.<clip_l|clip_g|t5xxl>.transformer.<path>``.
+
+``<path>`` is the original checkpoint's name or diffusers' name; :mod:`wsa.families` decides the family
+and renames. Scale: ``alpha / rank`` where an ``.alpha`` is stored, else 1 (ComfyUI's rule: missing alpha
+means alpha = rank).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from wsa.adapter import Adapter, ModuleWeights
+from wsa.errors import FormatError
+from wsa.formats import _prefixed, diffusers
+from wsa.formats._modules import assemble, build_module, read_alpha, split_keys, unscaled_bias
+from wsa.formats._tensorfile import TensorFile
+from wsa.formats.base import BaseShapes, FormatSpec, register
+
+DENOISER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.")
+#: ComfyUI text-encoder names -> the kohya-style tag the family maps to a pipeline component.
+TEXT_ENCODER_PREFIXES = {
+    "text_encoders.clip_l.transformer.": "lora_te1_",
+    "text_encoders.clip_g.transformer.": "lora_te2_",
+    "text_encoders.t5xxl.transformer.": "lora_te3_",
+}
+SUFFIXES = {
+    ".lora_A.weight": "down",
+    ".lora_B.weight": "up",
+    ".lora_B.bias": "bias",
+    ".lora_down.weight": "down",
+    ".lora_up.weight": "up",
+    ".lora_mid.weight": "mid",
+    ".alpha": "alpha",
+    ".diff": "diff",
+    ".diff_b": "bias",
+    ".dora_scale": "magnitude",
+    ".lora_magnitude_vector": "magnitude",
+    **{f".hada_{p}": f"hada_{p}" for p in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+    **{f".lokr_{p}": f"lokr_{p}" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
+}
+#: XLabs' processor LoRAs: ``processor.qkv_lora1.down.weight``.
+XLABS_SUFFIXES = {".down.weight": "down", ".up.weight": "up"}
+_ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B)\.(?!weight$|bias$)[^.]+\.(weight|bias)$")  # DiffSynth `.default.`
+_XLABS = re.compile(r"\.processor\.(qkv|proj)_lora\d?\.(down|up)\.weight$")
+
+
+def _sniff(path: Path, file: TensorFile | None) -> bool:
+    if file is None or not file.keys:
+        return False
+    if _prefixed.all_prefixed(file) or diffusers._sniff(path, file):
+        return False  # kohya / LyCORIS / diffusers files have their own readers
+    known = (*DENOISER_PREFIXES, *TEXT_ENCODER_PREFIXES)
+    suffixes = (*SUFFIXES, *XLABS_SUFFIXES)
+    return all(
+        (k.startswith(known) or not k.startswith(("lora_", "lycoris_")))
+        and (k.endswith(suffixes) or _ADAPTER_NAME.search(k))
+        for k in file.keys
+    )
+
+
+def _convention(keys: list[str]) -> str:
+    if any(k.startswith(("diffusion_model.", "model.diffusion_model.")) for k in keys):
+        return "comfyui"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft-file"
+    if any(_ADAPTER_NAME.search(k) for k in keys):
+        return "diffsynth"
+    if any(_XLABS.search(k) for k in keys):
+        return "xlabs"
+    return "bare"
+
+
+def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -> Adapter:
+    assert file is not None
+    tensors = {_ADAPTER_NAME.sub(r".\1.\2", k): v for k, v in file.tensors().items()}
+    keys = sorted(tensors)
+    fmt = _convention(file.keys)
+    table = {**SUFFIXES, **XLABS_SUFFIXES} if fmt == "xlabs" else SUFFIXES
+    groups = split_keys(keys, table, path)
+    denoiser: dict[tuple[str, bool], ModuleWeights] = {}
+    tagged: dict[tuple[str, str], ModuleWeights] = {}
+    for raw_name, parts in groups.items():
+        alpha = read_alpha(tensors[parts.pop("alpha")], raw_name + ".alpha", path) if "alpha" in parts else None
+        mod = build_module(
+            raw_name, {p: tensors[k] for p, k in parts.items()}, alpha=alpha, path=path, base_shapes=base_shapes
+        )
+        if "bias" in parts and parts["bias"].endswith(".diff_b"):
+            mod = unscaled_bias(mod)
+        te = next((p for p in TEXT_ENCODER_PREFIXES if raw_name.startswith(p)), None)
+        if te is not None:
+            tagged[(TEXT_ENCODER_PREFIXES[te], raw_name[len(te) :])] = mod
+            continue
+        name = raw_name
+        for prefix in DENOISER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        if (name, False) in denoiser:
+            raise FormatError(f"module {name!r} appears twice under different spellings", path)
+        denoiser[(name, False)] = mod
+    return assemble(path, fmt, denoiser=denoiser, tagged_text_encoders=tagged, metadata=file.metadata)
+
+
+register(
+    FormatSpec(
+        name="native",
+        pretty_name="original-checkpoint keys (ComfyUI, ai-toolkit, diffusion-pipe, PEFT file, DiffSynth, XLabs, BFL)",
+        reference="https://github.com/comfyanonymous/ComfyUI/blob/master/comfy/lora.py",
+        sniff=_sniff,
+        read=_read,
+    )
+)

@@ -1,0 +1,22 @@
+"""Strings from input files made safe to print: control and bidi characters shown as escapes.
+
+Why: a header value or a file name is the file author's text; printed raw, ``\\x1b[…`` sequences
+re-colour or rewrite the user's terminal and U+202E reverses what they read.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+
+def terminal_safe(value: object, limit: int = 300) -> str:
+    """``value`` as one printable line: control/format characters escaped, at most ``limit`` characters."""
+    text = str(value)
+    out = []
+    for ch in text:
+        if ch in "\t" or not unicodedata.category(ch).startswith("C"):
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    line = "".join(out)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
