@@ -111,11 +111,28 @@ def _print_collection(s: dict) -> None:
         click.echo(f"  {terminal_safe(p['source'])}: {terminal_safe(p['reason'])}")
 
 
+def _families_table() -> list[dict]:
+    from wsa.families import families
+
+    return [
+        {
+            "family": f.name,
+            "title": f.title,
+            "denoiser": f.denoiser,
+            "metadata_names": list(f.metadata_names + f.variants),
+            "native_examples": [r.native for r in f.natives[:3]],
+            "fused": [f"{r.native} -> {', '.join(r.targets)}" for r in f.natives if len(r.targets) > 1][:3],
+        }
+        for f in families()
+    ]
+
+
 @main.command()
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=click.Path(exists=True), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (for scripts).")
+@click.option("--families", "list_families", is_flag=True, help="List the model families wsa knows, and exit.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def info(path: str, as_json: bool, quiet: bool) -> None:
+def info(path: str | None, as_json: bool, list_families: bool, quiet: bool) -> None:
     """Summarise PATH: a store, one adapter, or a folder of adapters.
 
     \b
@@ -129,9 +146,24 @@ def info(path: str, as_json: bool, quiet: bool) -> None:
       wsa info ./space
       wsa info ./loras --json > loras.json
       wsa info my_lora.safetensors
+      wsa info --families
     """
     from wsa.inspect import summarize
 
+    if list_families:
+        table = _families_table()
+        if as_json:
+            click.echo(json.dumps(table, indent=2))
+            return
+        for f in table:
+            click.echo(f"{f['family']:<14} {f['title']}")
+            if f["metadata_names"]:
+                click.echo(f"{'':<14} metadata: {', '.join(f['metadata_names'])}")
+            for fused in f["fused"]:
+                click.echo(f"{'':<14} fused: {fused}")
+        return
+    if path is None:
+        raise click.UsageError("give a PATH (a store, an adapter or a folder), or --families")
     summary = summarize(path, progress=not quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))

@@ -257,3 +257,38 @@ def test_fused_layer_that_does_not_split_is_an_error(tmp_path):
     )
     with pytest.raises(FormatError, match=r"odd\.safetensors: module 'double_blocks_0_img_attn_qkv'.*split"):
         wsa.load_adapter(path)
+
+
+def test_bfl_control_lora_biases_widened_input_and_norm_replacements(tmp_path):
+    """BFL's Canny/Depth control LoRAs: ``lora_B.bias``, ``img_in`` wider than the base (extra input channels), and
+    q/k norm weights stored as new values (``….norm.query_norm.scale``).
+
+    diffusers' converter hard-codes the full model (19/38 blocks, width 3072), so the expected ΔW is the formula
+    (no alpha: scale 1; bias change = ``lora_B.bias``, as PEFT merges it with scaling 1); the norm replacements are
+    values, not differences, and must be reported, not silently mixed into ΔW.
+    """
+    g = torch.Generator().manual_seed(9)
+    down, up = random_lora(3 * D, D, 4, g)
+    wide_down, wide_up = random_lora(D, 8, 4, g)  # img_in: 8 input channels where the base has 4
+    bias = torch.randn(3 * D, generator=g)
+    tensors = {
+        "double_blocks.0.img_attn.qkv.lora_A.weight": down,
+        "double_blocks.0.img_attn.qkv.lora_B.weight": up,
+        "double_blocks.0.img_attn.qkv.lora_B.bias": bias,
+        "img_in.lora_A.weight": wide_down,
+        "img_in.lora_B.weight": wide_up,
+        "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(8),
+        "double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(8),
+    }
+    path = tmp_path / "canny.safetensors"
+    save_file(tensors, str(path))
+    adapter = wsa.load_adapter(path)
+    assert adapter.family == "flux1" and adapter.format == "bfl-control"
+    assert relative_error(adapter.delta("x_embedder"), wide_up @ wide_down) < 1e-6
+    assert adapter.delta("x_embedder").shape == (D, 8)
+    for j, leaf in enumerate(("to_q", "to_k", "to_v")):
+        name = f"transformer_blocks.0.attn.{leaf}"
+        assert relative_error(adapter.delta(name), (up @ down)[j * D : (j + 1) * D]) < 1e-6
+        assert relative_error(adapter.bias_delta(name), bias[j * D : (j + 1) * D]) < 1e-6
+    assert any("2 norm weight(s) replaced outright" in n for n in adapter.notes)
+    assert not any("norm" in n for n in adapter.modules)

@@ -18,6 +18,7 @@ means alpha = rank).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -50,6 +51,9 @@ SUFFIXES = {
     **{f".hada_{p}": f"hada_{p}" for p in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
     **{f".lokr_{p}": f"lokr_{p}" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
 }
+#: BFL control LoRAs store new values of the q/k norm weights (``….norm.query_norm.scale``): replacements of
+#: base weights, not differences, so they are no part of ΔW; they are counted in the adapter's notes.
+NORM_REPLACEMENT = ".scale"
 #: XLabs' processor LoRAs: ``processor.qkv_lora1.down.weight``.
 XLABS_SUFFIXES = {".down.weight": "down", ".up.weight": "up"}
 _ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B)\.(?!weight$|bias$)[^.]+\.(weight|bias)$")  # DiffSynth `.default.`
@@ -62,7 +66,7 @@ def _sniff(path: Path, file: TensorFile | None) -> bool:
     if _prefixed.all_prefixed(file) or diffusers._sniff(path, file):
         return False  # kohya / LyCORIS / diffusers files have their own readers
     known = (*DENOISER_PREFIXES, *TEXT_ENCODER_PREFIXES)
-    suffixes = (*SUFFIXES, *XLABS_SUFFIXES)
+    suffixes = (*SUFFIXES, *XLABS_SUFFIXES, NORM_REPLACEMENT)
     return all(
         (k.startswith(known) or not k.startswith(("lora_", "lycoris_")))
         and (k.endswith(suffixes) or _ADAPTER_NAME.search(k))
@@ -79,14 +83,19 @@ def _convention(keys: list[str]) -> str:
         return "diffsynth"
     if any(_XLABS.search(k) for k in keys):
         return "xlabs"
+    if any(k.endswith("_norm.scale") for k in keys):
+        return "bfl-control"
     return "bare"
 
 
 def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -> Adapter:
     assert file is not None
     tensors = {_ADAPTER_NAME.sub(r".\1.\2", k): v for k, v in file.tensors().items()}
-    keys = sorted(tensors)
     fmt = _convention(file.keys)
+    replaced = sorted(k for k in tensors if k.endswith(NORM_REPLACEMENT) and "norm" in k)
+    for k in replaced:
+        del tensors[k]
+    keys = sorted(tensors)
     table = {**SUFFIXES, **XLABS_SUFFIXES} if fmt == "xlabs" else SUFFIXES
     groups = split_keys(keys, table, path)
     denoiser: dict[tuple[str, bool], ModuleWeights] = {}
@@ -110,7 +119,14 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
         if (name, False) in denoiser:
             raise FormatError(f"module {name!r} appears twice under different spellings", path)
         denoiser[(name, False)] = mod
-    return assemble(path, fmt, denoiser=denoiser, tagged_text_encoders=tagged, metadata=file.metadata)
+    adapter = assemble(path, fmt, denoiser=denoiser, tagged_text_encoders=tagged, metadata=file.metadata)
+    if not replaced:
+        return adapter
+    note = (
+        f"{len(replaced)} norm weight(s) replaced outright (e.g. {replaced[0]!r}; BFL control LoRA): values, "
+        "not differences, so not part of ΔW here"
+    )
+    return dataclasses.replace(adapter, notes=(*adapter.notes, note))
 
 
 register(
