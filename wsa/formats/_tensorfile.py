@@ -208,22 +208,36 @@ _DTYPES = {
 }
 
 
+#: Exponent bits of each float format: a value is NaN or ±Inf exactly when all of them are set.
+_EXPONENT = {
+    torch.bfloat16: (torch.int16, np.uint16, 0x7F80),
+    torch.float16: (torch.int16, np.uint16, 0x7C00),
+    torch.float32: (torch.int32, np.uint32, 0x7F800000),
+    torch.float64: (torch.int64, np.uint64, 0x7FF0000000000000),
+}
+_CHUNK = 1 << 22
+
+
+def _has_nonfinite(t: Tensor) -> bool:
+    """Any NaN/Inf in ``t``, from the exponent bits (exact, no float conversion: bf16 files are read as is)."""
+    spec = _EXPONENT.get(t.dtype)
+    if spec is None:
+        return not math.isfinite(_np_sum(t))
+    as_int, as_uint, mask = spec
+    bits = t.detach().contiguous().reshape(-1).view(as_int).numpy().view(as_uint)
+    mask = as_uint(mask)
+    return any(np.any((bits[i : i + _CHUNK] & mask) == mask) for i in range(0, bits.size, _CHUNK))
+
+
 def _check_all_finite(tensors: dict[str, Tensor], path: str | Path) -> None:
-    """One vectorised check per dtype over all float values; the slow per-tensor pass only names a culprit."""
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for t in tensors.values():
-        if t.is_floating_point() and t.numel():
-            by_dtype.setdefault(t.dtype, []).append(t.reshape(-1))
-    # A sum is finite iff every value is (else, rarely, it overflowed: the exact check decides); isfinite is
-    # slow on some CPU builds (ms per 100k values), the sum is not.
-    if all(math.isfinite(_np_sum(torch.cat(group))) for group in by_dtype.values()):
-        return
+    """Every float tensor checked by its exponent bits (a few ms per 10 M values); a failure names the tensor."""
     for key, t in tensors.items():
-        check_finite(t, key, path)
+        if t.is_floating_point() and t.numel() and _has_nonfinite(t):
+            check_finite(t, key, path)
 
 
 def check_finite(t: Tensor, key: str, path: str | Path) -> None:
-    if not t.is_floating_point() or math.isfinite(_np_sum(t)):
+    if not t.is_floating_point() or not t.numel() or not _has_nonfinite(t):
         return
     values = t.detach().to(torch.float64).numpy()
     if not np.isfinite(values).all():
