@@ -117,3 +117,17 @@ def test_gram_route_on_cuda_equals_cpu(stores):
     gpu = fit_delta_gram(raw, 5, device="cuda", progress=False)
     np.testing.assert_allclose(gpu.explained_variance, cpu.explained_variance, rtol=1e-5)
     np.testing.assert_allclose(np.abs(gpu.coefficients), np.abs(cpu.coefficients), atol=1e-4)
+
+
+@pytest.mark.parametrize("budget", [4 * 24 * 150, 4 * 24 * 400])  # a run holds one module / a few modules
+def test_wide_rows_summed_module_run_by_run_equal_row_blocks(stores, tmp_path, budget):
+    """DiT-sized rows do not fit two row blocks in memory: the column-run route reads each module's columns of
+    all rows at once and must give the same Gram matrix (with LoRA biases and dense modules too)."""
+    from wsa.gram import gram_matrix
+
+    raw, delta = stores
+    canonical = wsa.ingest([raw.path.parent / "loras"], tmp_path / "c", repr="canonical", progress=False)
+    for store in (raw, canonical, delta):
+        rows = gram_matrix(store, block_rows=7, progress=False, budget=10**9)
+        cols = gram_matrix(store, block_rows=2048, progress=False, budget=budget)
+        np.testing.assert_allclose(cols, rows, rtol=1e-5, atol=1e-6 * np.abs(rows).max())  # float32 sums

@@ -29,6 +29,8 @@ from wsa.store.layout import Layout
 from wsa.store.representations import decode
 
 FORMAT_VERSION = 1
+#: Largest float32 block :meth:`Store.iter_blocks` yields (two are in memory at once).
+MAX_BLOCK_BYTES = 1 << 30
 MANIFEST = "wsa_store.json"
 
 
@@ -160,9 +162,12 @@ class Store:
 
         The next block is read by a background thread while the caller works on this one (``pread``
         and BLAS both release the GIL), so a pass costs about max(read, compute), not their sum;
-        at most two blocks are in memory.
+        at most two blocks are in memory. A block holds at most :data:`MAX_BLOCK_BYTES` of float32 (fewer
+        rows than asked when rows are wide: a DiT-sized LoRA is ~0.3 GB a row), so callers' row counts
+        never decide the memory.
         """
         n = len(self) if rows is None else len(rows)
+        block_rows = max(1, min(block_rows, MAX_BLOCK_BYTES // (4 * max(1, self.n_features))))
         starts = range(0, n, block_rows)
 
         def read(start: int) -> np.ndarray:
