@@ -655,3 +655,16 @@ def test_unknown_module_fails_naming_it(tmp_path, key, spelled):
     path = save_safetensors(tmp_path / "bad.safetensors", tensors)
     with pytest.raises(FormatError, match=re.escape(spelled)):
         wsa.load_adapter(path)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "metadata", "family"),
+    [(SDXL_FULL, "sd_v1", "sdxl"), (_sd_full(768), "sdxl_base_v1-0", "sd15")],
+    ids=["sdxl-widths-sd1-header", "sd1-widths-sdxl-header"],
+)
+def test_widths_beat_a_header_they_rule_out(shapes, metadata, family):
+    """A wrong ``ss_base_model_version`` (common on re-uploads) cannot move a file to a family whose widths it lacks."""
+    underscored = shapes is not SDXL_FULL
+    res = resolve(_fake(shapes, underscored), metadata={"ss_base_model_version": metadata}, path="x")
+    assert res.family == family, (res.family, res.source)
+    assert any(f"metadata says {metadata!r}" in n for n in res.notes)

@@ -86,8 +86,12 @@ def resolve(
             if _best_coverage(sets) * 2 < len(sets):
                 return _unknown_family(denoiser, meta_family)
             raise FormatError(_no_family_message(denoiser, sets), path)
-        if meta_family in candidates:
+        by_width = _by_width(candidates, denoiser)
+        if meta_family in candidates and not (len(by_width) == 1 and by_width[0] != meta_family):
             fam, source = FAMILIES.get(meta_family), "keys+metadata"
+        elif meta_family in candidates:  # the widths rule out what the header says (SDXL keys, "sd_v1")
+            fam, source = FAMILIES.get(by_width[0]), "keys+shapes"
+            notes.append(f"metadata says {meta_value!r}, but the module widths are {fam.title}'s")
         else:
             fam, source = _tie_break(candidates, denoiser)
             if meta_value is not None:
@@ -177,6 +181,12 @@ def _tie_break(candidates: tuple[str, ...], denoiser: Mapping[tuple[str, bool], 
         return FAMILIES.get(by_size[0]), "keys+shapes"
     first = (by_size or list(candidates))[0]
     return FAMILIES.get(first), f"keys (also fit: {', '.join(c for c in candidates if c != first)})"
+
+
+def _by_width(candidates: tuple[str, ...], denoiser: Mapping[tuple[str, bool], ModuleWeights]) -> list[str]:
+    """The candidates whose full-model widths appear among the modules' shapes."""
+    dims = {d for mod in denoiser.values() for d in mod.shape}
+    return [c for c in candidates if set(FAMILIES.get(c).hidden_sizes) & dims]
 
 
 def _maps_all(fam: Family, denoiser: Mapping[tuple[str, bool], ModuleWeights]) -> bool:

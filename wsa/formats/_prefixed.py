@@ -28,6 +28,9 @@ LYCORIS_SUFFIXES = {
     **{f".lokr_{p}": f"lokr_{p}" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
     ".diff": "diff",
     ".diff_b": "bias",
+    # LyCORIS norm modules (`NormModule`): weight and bias differences of a norm layer
+    ".w_norm": "diff",
+    ".b_norm": "bias",
 }
 ALL_SUFFIXES = {**LORA_SUFFIXES, **LYCORIS_SUFFIXES}
 

@@ -28,6 +28,7 @@ from wsa.formats import _prefixed, diffusers
 from wsa.formats._modules import assemble, build_module, read_alpha, split_keys, unscaled_bias
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
+from wsa.formats.names import canonical_unet_path
 
 DENOISER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.")
 #: ComfyUI text-encoder names -> the kohya-style tag the family maps to a pipeline component.
@@ -102,8 +103,10 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
     tagged: dict[tuple[str, str], ModuleWeights] = {}
     for raw_name, parts in groups.items():
         alpha = read_alpha(tensors[parts.pop("alpha")], raw_name + ".alpha", path) if "alpha" in parts else None
+        # A LoHa/LoKr conv's kernel shape is inferred from the module's leaf: give it the canonical leaf (LDM names).
+        guess = canonical_unet_path(raw_name.removeprefix("model.").removeprefix("diffusion_model."))
         mod = build_module(
-            raw_name, {p: tensors[k] for p, k in parts.items()}, alpha=alpha, path=path, base_shapes=base_shapes
+            guess, {p: tensors[k] for p, k in parts.items()}, alpha=alpha, path=path, base_shapes=base_shapes
         )
         if "bias" in parts and parts["bias"].endswith(".diff_b"):
             mod = unscaled_bias(mod)
