@@ -98,6 +98,9 @@ def _print_collection(s: dict) -> None:
             click.echo(f"      {terminal_safe(_training_line(f['training']), 400)}")
         if "also fit" in f["family_source"]:
             click.echo(f"      family from {terminal_safe(f['family_source'])}")
+        notes = [n for n in f["notes"] if not n.startswith(("split ", "reordered "))]  # `wsa info FILE` lists all
+        for note in notes[:3]:
+            click.echo(f"      note: {terminal_safe(note, 400)}")
     _line("groups", f"{len(s['groups'])} (adapters in different groups cannot share a raw matrix)")
     for g in s["groups"][:10]:
         examples = terminal_safe(", ".join(g["examples"][:3]))

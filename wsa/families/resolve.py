@@ -104,7 +104,12 @@ def resolve(
         except ValueError as exc:
             raise FormatError(f"module {spelled!r}: fused layer does not split ({exc})", path) from None
         assert mapped is not None
-        parts = [mod if rows is None else take_rows(mod, rows) for _, rows in mapped.targets]
+        try:
+            parts = [mod if rows is None else take_rows(mod, rows) for _, rows in mapped.targets]
+        except ValueError as exc:
+            raise FormatError(
+                f"module {spelled!r} is fused in the file and split in diffusers' model, and {exc}", path
+            ) from None
         if len(parts) > 1:
             parts = sparse_split(parts, mod.rank)
         for (name, _), part in zip(mapped.targets, parts, strict=True):
@@ -242,7 +247,10 @@ def take_rows(mod: ModuleWeights, rows: list[tuple[int, int]]) -> ModuleWeights:
     if mod.is_dora and mod.dora_axis == "out":
         tensors["magnitude"] = pick(tensors["magnitude"])
     elif mod.is_dora:
-        raise ValueError("a DoRA module normalised over its input axis cannot be split by rows")
+        raise ValueError(
+            "its DoRA magnitude normalises over the input axis (columns of the whole fused layer), "
+            "so no split is exact; wsa reads DoRA on fused layers only with per-output-row magnitudes"
+        )
     shape = (n_out, *mod.shape[1:])
     if mod.kind == "lora" and "mid" not in tensors:
         tensors["up"] = pick(tensors["up"])
@@ -250,7 +258,10 @@ def take_rows(mod: ModuleWeights, rows: list[tuple[int, int]]) -> ModuleWeights:
     if mod.kind == "full":
         tensors["diff"] = pick(tensors["diff"])
         return ModuleWeights("full", tensors, shape, 0, None, 1.0, mod.dora_axis)
-    dense = pick(mod.direction_delta())
+    if any(t.device.type == "meta" for t in mod.tensors.values()):
+        dense = torch.empty(shape, device="meta")  # a header-only read: shapes, no values
+    else:
+        dense = pick(mod.direction_delta())
     kept = {k: v for k, v in tensors.items() if k in ("bias", "magnitude")}
     return ModuleWeights("full", {"diff": dense, **kept}, shape, 0, None, 1.0, mod.dora_axis)
 

@@ -6,6 +6,7 @@ Both tools name modules the same way (``lora_unet_``, ``lora_te_``, ``lora_te1_`
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
@@ -35,8 +36,16 @@ LYCORIS_SUFFIXES = {
 ALL_SUFFIXES = {**LORA_SUFFIXES, **LYCORIS_SUFFIXES}
 
 
+#: sd-scripts / OneTrainer bundle textual-inversion embeddings in a LoRA file (``bundle_emb.<token>.<encoder>``):
+#: new token vectors, not weight changes, so they are counted in the adapter's notes and not read as modules.
+BUNDLED_EMBEDDINGS = "bundle_emb."
+
+
 def all_prefixed(file: TensorFile | None) -> bool:
-    return file is not None and bool(file.keys) and all(k.startswith(tuple(KOHYA_PREFIXES)) for k in file.keys)
+    if file is None or not file.keys:
+        return False
+    keys = [k for k in file.keys if not k.startswith(BUNDLED_EMBEDDINGS)]
+    return bool(keys) and all(k.startswith(tuple(KOHYA_PREFIXES)) for k in keys)
 
 
 def has_lycoris_parts(file: TensorFile) -> bool:
@@ -46,6 +55,8 @@ def has_lycoris_parts(file: TensorFile) -> bool:
 def read_prefixed(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None, fmt: str) -> Adapter:
     assert file is not None
     tensors = file.tensors()
+    bundled = sorted({k.split(".")[1] for k in tensors if k.startswith(BUNDLED_EMBEDDINGS) and k.count(".") >= 1})
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(BUNDLED_EMBEDDINGS)}
     groups = split_keys(sorted(tensors), ALL_SUFFIXES, path)
     denoiser: dict[tuple[str, bool], ModuleWeights] = {}
     tagged: dict[tuple[str, str], ModuleWeights] = {}
@@ -76,10 +87,14 @@ def read_prefixed(path: Path, file: TensorFile | None, base_shapes: BaseShapes |
             denoiser[(rest, True)] = mod
         else:
             tagged[(prefix, kohya_path_to_dotted(rest))] = mod
-    return assemble(
+    adapter = assemble(
         path,
         "onetrainer" if onetrainer and fmt == "kohya" else fmt,
         denoiser=denoiser,
         tagged_text_encoders=tagged,
         metadata=file.metadata,
     )
+    if not bundled:
+        return adapter
+    note = f"{len(bundled)} bundled embedding(s) ({', '.join(bundled[:5])}): token vectors, not part of ΔW"
+    return dataclasses.replace(adapter, notes=(*adapter.notes, note))

@@ -36,6 +36,8 @@ SUFFIXES = {
     ".down.weight": "down",
     ".up.weight": "up",
     ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",  # OneTrainer / newer PEFT spelling
+    ".dora_scale": "magnitude",
     ".alpha": "alpha",
     # LoKr (diffusers >= 0.37 loads `<component>.<path>.lokr_w1` ... as a PEFT LoKrConfig)
     **{f".lokr_{p}": f"lokr_{p}" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")},
@@ -143,7 +145,8 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
             alpha=alpha,
             path=path,
             rslora=rslora,
-            dora_axis="out",
+            # PEFT's magnitude is per output row; kohya/OneTrainer's `dora_scale` says by its shape
+            dora_axis=None if parts.get("magnitude", "").endswith(".dora_scale") else "out",
             base_shapes=base_shapes,
         )
         if lokr:

@@ -31,12 +31,20 @@ from wsa.formats.base import BaseShapes, FormatSpec, register
 from wsa.formats.names import canonical_unet_path
 
 DENOISER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.")
-#: ComfyUI text-encoder names -> the kohya-style tag the family maps to a pipeline component.
-TEXT_ENCODER_PREFIXES = {
-    "text_encoders.clip_l.transformer.": "lora_te1_",
-    "text_encoders.clip_g.transformer.": "lora_te2_",
-    "text_encoders.t5xxl.transformer.": "lora_te3_",
-}
+#: ComfyUI's text-encoder names (``text_encoders.<name>.transformer.<path>``) -> the kohya-style tag the
+#: family maps to a pipeline component; any other name (umt5xxl for Wan, qwen25_7b for Qwen-Image, llama,
+#: gemma…) is the pipeline's single or first text encoder.
+TEXT_ENCODER_NAMES = {"clip_l": "lora_te1_", "clip_g": "lora_te2_", "t5xxl": "lora_te3_"}
+TEXT_ENCODER_PREFIXES = ("text_encoders.",)
+
+
+def text_encoder_tag(name: str) -> tuple[str, str] | None:
+    """``text_encoders.t5xxl.transformer.encoder.block.0…`` -> ``("lora_te3_", "encoder.block.0…")``."""
+    if not name.startswith("text_encoders."):
+        return None
+    encoder, _, rest = name[len("text_encoders.") :].partition(".")
+    rest = rest.removeprefix("transformer.")
+    return TEXT_ENCODER_NAMES.get(encoder, "lora_te_"), rest
 SUFFIXES = {
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
@@ -110,9 +118,9 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
         )
         if "bias" in parts and parts["bias"].endswith(".diff_b"):
             mod = unscaled_bias(mod)
-        te = next((p for p in TEXT_ENCODER_PREFIXES if raw_name.startswith(p)), None)
+        te = text_encoder_tag(raw_name)
         if te is not None:
-            tagged[(TEXT_ENCODER_PREFIXES[te], raw_name[len(te) :])] = mod
+            tagged[te] = mod
             continue
         name = raw_name
         for prefix in DENOISER_PREFIXES:

@@ -1,0 +1,109 @@
+"""What real trainers put in files beside plain LoRA factors, as found by trying their conventions.
+
+Each case comes from a trainer's save code (sd-scripts, OneTrainer, ComfyUI, LyCORIS): bundled
+embeddings, DoRA magnitudes on fused layers, text-encoder-only files, ComfyUI's text-encoder names,
+LoHa/LoKr on fused layers read from the header alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import wsa
+from tests.tiny import relative_error
+from wsa.errors import FormatError
+from wsa.formats._tensorfile import header_only
+
+D = 16
+
+
+def _lora(out: int, inp: int, rank: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rank, inp, generator=g), torch.randn(out, rank, generator=g)
+
+
+def test_bundled_embeddings_are_noted_and_the_lora_is_read(tmp_path):
+    down, up = _lora(D, D, 2, 0)
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    tensors = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}
+    tensors |= {"bundle_emb.ohwx.clip_l": torch.randn(2, 8), "bundle_emb.ohwx.t5": torch.randn(2, 12)}
+    path = tmp_path / "emb.safetensors"
+    save_file(tensors, str(path))
+    adapter = wsa.load_adapter(path)
+    assert list(adapter.modules) == ["transformer_blocks.0.attn.to_out.0"]
+    assert any("1 bundled embedding(s) (ohwx)" in n for n in adapter.notes)
+
+
+def test_dora_on_a_fused_layer_normalised_over_inputs_is_refused_naming_it(tmp_path):
+    """kohya's ``dora_scale`` of shape (1, in) normalises the whole fused qkv's columns: no split is exact."""
+    down, up = _lora(3 * D, D, 2, 1)
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    tensors = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.dora_scale": torch.ones(1, D)}
+    path = tmp_path / "dora.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(FormatError, match=r"dora\.safetensors: module 'double_blocks_0_img_attn_qkv' is fused.*DoRA"):
+        wsa.load_adapter(path)
+
+
+@pytest.mark.parametrize("suffix", [".dora_scale", ".lora_magnitude_vector.weight"])
+def test_diffusers_keyed_dora_magnitudes_are_read(tmp_path, suffix):
+    """OneTrainer writes diffusers-keyed DoRA with ``dora_scale`` (kohya's shape) or PEFT's magnitude vector."""
+    down, up = _lora(D, D, 2, 2)
+    base = "transformer.transformer_blocks.0.attn.to_q"
+    magnitude = torch.rand(1, D) + 0.5 if suffix == ".dora_scale" else torch.rand(D) + 0.5
+    tensors = {f"{base}.lora_A.weight": down, f"{base}.lora_B.weight": up, f"{base}{suffix}": magnitude}
+    path = tmp_path / "dora.safetensors"
+    save_file(tensors, str(path))
+    mod = wsa.load_adapter(path).modules["transformer_blocks.0.attn.to_q"]
+    assert mod.is_dora and mod.dora_axis == ("in" if suffix == ".dora_scale" else "out")
+
+
+def test_text_encoder_only_file_without_metadata(tmp_path):
+    down, up = _lora(D, D, 2, 3)
+    key = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, str(tmp_path / "te.safetensors"))
+    adapter = wsa.load_adapter(tmp_path / "te.safetensors")
+    assert adapter.family == ""
+    assert list(adapter.modules) == ["text_encoder_3.encoder.block.0.layer.0.SelfAttention.q"]
+
+
+def test_comfyui_text_encoder_names_of_any_encoder(tmp_path):
+    """ComfyUI writes ``text_encoders.<name>.transformer.<path>``: umt5xxl for Wan, t5xxl and clip_l for Flux."""
+    tensors = {}
+    for i, name in enumerate(("blocks.0.self_attn.q", "blocks.0.self_attn.k")):
+        down, up = _lora(D, D, 2, 10 + i)
+        tensors |= {f"diffusion_model.{name}.lora_up.weight": up, f"diffusion_model.{name}.lora_down.weight": down}
+    down, up = _lora(D, D, 2, 12)
+    te = "text_encoders.umt5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q"
+    tensors |= {f"{te}.lora_up.weight": up, f"{te}.lora_down.weight": down}
+    path = tmp_path / "wan.safetensors"
+    save_file(tensors, str(path))
+    adapter = wsa.load_adapter(path)
+    assert adapter.family == "wan21"
+    assert "text_encoder.encoder.block.0.layer.0.SelfAttention.q" in adapter.modules
+    assert relative_error(adapter.delta("text_encoder.encoder.block.0.layer.0.SelfAttention.q"), up @ down) < 1e-6
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_on_a_fused_layer_splits_its_dense_delta_also_from_the_header(tmp_path, algo):
+    g = torch.Generator().manual_seed(4)
+    key = "lora_unet_double_blocks_0_img_attn_qkv"
+    if algo == "loha":
+        parts = {f"hada_{p}": torch.randn(*s, generator=g) for p, s in (("w1_a", (3 * D, 2)), ("w1_b", (2, D)))}
+        parts |= {f"hada_{p}": torch.randn(*s, generator=g) for p, s in (("w2_a", (3 * D, 2)), ("w2_b", (2, D)))}
+        full = (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])
+    else:
+        parts = {"lokr_w1": torch.randn(3, 2, generator=g), "lokr_w2": torch.randn(D, D // 2, generator=g)}
+        full = torch.kron(parts["lokr_w1"], parts["lokr_w2"])
+    tensors = {f"{key}.{p}": t for p, t in parts.items()}
+    path = tmp_path / f"{algo}.safetensors"
+    save_file(tensors, str(path))
+    adapter = wsa.load_adapter(path)
+    for j, leaf in enumerate(("to_q", "to_k", "to_v")):
+        got = adapter.delta(f"transformer_blocks.0.attn.{leaf}")
+        assert relative_error(got, full[j * D : (j + 1) * D]) < 1e-5, leaf
+    with header_only():
+        shapes = {n: m.shape for n, m in wsa.load_adapter(path).modules.items()}
+    assert shapes == {n: m.shape for n, m in adapter.modules.items()}
