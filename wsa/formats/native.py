@@ -45,6 +45,8 @@ def text_encoder_tag(name: str) -> tuple[str, str] | None:
     encoder, _, rest = name[len("text_encoders.") :].partition(".")
     rest = rest.removeprefix("transformer.")
     return TEXT_ENCODER_NAMES.get(encoder, "lora_te_"), rest
+
+
 SUFFIXES = {
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",
