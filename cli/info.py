@@ -56,6 +56,8 @@ def _training_line(training: dict) -> str:
     )
     shown = [f"{k}={training[k]}" for k in keys if k in training]
     more = len(training) - len(shown)
+    if not shown:
+        return f"{more} metadata field(s) (--json)"
     return "; ".join(shown) + (f"; +{more} more fields (--json)" if more > 0 else "")
 
 

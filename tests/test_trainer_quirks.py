@@ -107,3 +107,41 @@ def test_lycoris_on_a_fused_layer_splits_its_dense_delta_also_from_the_header(tm
     with header_only():
         shapes = {n: m.shape for n, m in wsa.load_adapter(path).modules.items()}
     assert shapes == {n: m.shape for n, m in adapter.modules.items()}
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "module", "family", "canonical"),
+    [
+        ("diffusion_model.", "blocks.0.self_attn.q", "wan21", "blocks.0.attn1.to_q"),
+        ("transformer.", "double_blocks.0.img_attn_proj", "hunyuan_video", "transformer_blocks.0.attn.to_out.0"),
+    ],
+)
+def test_diffusion_pipe_peft_folders_with_a_wrapper_prefix(tmp_path, wrapper, module, family, canonical):
+    """diffusion-pipe saves PEFT folders whose module names keep the wrapped model's attribute."""
+    import json
+
+    folder = tmp_path / "epoch1"
+    folder.mkdir()
+    down, up = _lora(D, D, 4, 5)
+    prefix = f"base_model.model.{wrapper}{module}"
+    save_file(
+        {f"{prefix}.lora_A.weight": down, f"{prefix}.lora_B.weight": up}, str(folder / "adapter_model.safetensors")
+    )
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["q"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    adapter = wsa.load_adapter(folder)
+    assert adapter.family == family and list(adapter.modules) == [canonical]
+
+
+def test_sd3_text_encoder_3_keys_in_a_diffusers_file(tmp_path):
+    tensors = {}
+    for i, name in enumerate(
+        ("transformer.transformer_blocks.0.attn.to_q", "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q")
+    ):
+        down, up = _lora(D, D, 2, 20 + i)
+        tensors |= {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up}
+    path = tmp_path / "sd3.safetensors"
+    save_file(tensors, str(path), metadata={"modelspec.architecture": "stable-diffusion-v3-medium/lora"})
+    adapter = wsa.load_adapter(path)
+    assert adapter.format == "diffusers" and adapter.family == "sd3"
+    assert "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q" in adapter.modules

@@ -149,6 +149,8 @@ SDXL = register(
         not_metadata=("pony-v7", "ponyv7", "pony-diffusion-v7"),
         text_encoders=_SD_TE,
         hidden_sizes=(2048,),
-        evidence=r"add_embedding|transformer_blocks\.[2-9]\b|^up_blocks\.0\.attentions",
+        # SD 1.x/2.x have one transformer block per attention; SDXL has 2 or 10 (diffusion-pipe, ComfyUI files
+        # often touch down_blocks.1's second block only)
+        evidence=r"add_embedding|transformer_blocks\.[1-9]\d*\.|^up_blocks\.0\.attentions",
     )
 )

@@ -23,7 +23,13 @@ from wsa.formats.names import canonical_text_encoder_path, canonical_unet_path, 
 
 METADATA_KEY = "lora_adapter_metadata"
 #: File component prefix -> canonical module prefix ("" = denoiser).
-COMPONENTS = {"unet.": "", "transformer.": "", "text_encoder.": "text_encoder.", "text_encoder_2.": "text_encoder_2."}
+COMPONENTS = {
+    "unet.": "",
+    "transformer.": "",
+    "text_encoder.": "text_encoder.",
+    "text_encoder_2.": "text_encoder_2.",
+    "text_encoder_3.": "text_encoder_3.",  # SD3's T5 (OneTrainer, diffusers)
+}
 SUFFIXES = {
     ".lora_A.weight": "down",
     ".lora_B.weight": "up",

@@ -22,7 +22,16 @@ from wsa.formats.names import canonical_text_encoder_path
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 #: Pipeline component folder -> canonical module prefix.
-COMPONENTS = {"unet": "", "transformer": "", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
+COMPONENTS = {
+    "unet": "",
+    "transformer": "",
+    "text_encoder": "text_encoder.",
+    "text_encoder_2": "text_encoder_2.",
+    "text_encoder_3": "text_encoder_3.",
+}
+#: Model-level prefixes inside a PEFT state dict when the wrapped model held the denoiser as an attribute
+#: (diffusion-pipe saves ``diffusion_model.blocks.0…`` for Wan, ``transformer.double_blocks.0…`` for HunyuanVideo).
+WRAPPER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.")
 
 SUFFIXES = {
     ".lora_A.weight": "down",
@@ -70,6 +79,8 @@ def _read_component(prefix: str, folder: Path, base_shapes: BaseShapes | None) -
     modules: dict[str, ModuleWeights] = {}
     for raw_name, parts in groups.items():
         name = raw_name.removeprefix("base_model.model.")
+        if not prefix:
+            name = next((name[len(w) :] for w in WRAPPER_PREFIXES if name.startswith(w)), name)
         canonical = prefix + canonical_text_encoder_path(name) if prefix else name  # denoiser: the family names it
         r = pattern_value(config.get("rank_pattern") or {}, name) or rank_default
         alpha = pattern_value(config.get("alpha_pattern") or {}, name)
