@@ -145,3 +145,23 @@ def test_sd3_text_encoder_3_keys_in_a_diffusers_file(tmp_path):
     adapter = wsa.load_adapter(path)
     assert adapter.format == "diffusers" and adapter.family == "sd3"
     assert "text_encoder_3.encoder.block.0.layer.0.SelfAttention.q" in adapter.modules
+
+
+def test_comfyui_hunyuan_video_spells_modules_the_flux_way(tmp_path):
+    """ComfyUI's HunyuanVideo model reuses its Flux layers: ``img_attn.qkv``, the refiner's ``self_attn.qkv``/``mlp.0``."""
+    tensors = {}
+    shapes = {
+        "double_blocks.0.img_attn.qkv": (3 * D, D),
+        "double_blocks.0.img_mod.lin": (6 * D, D),
+        "txt_in.individual_token_refiner.blocks.0.self_attn.qkv": (3 * D, D),
+        "txt_in.individual_token_refiner.blocks.0.mlp.0": (4 * D, D),
+    }
+    for i, (name, (o, n)) in enumerate(shapes.items()):
+        down, up = _lora(o, n, 2, 30 + i)
+        tensors |= {f"diffusion_model.{name}.lora_down.weight": down, f"diffusion_model.{name}.lora_up.weight": up}
+    path = tmp_path / "hv.safetensors"
+    save_file(tensors, str(path))
+    adapter = wsa.load_adapter(path)
+    assert adapter.family == "hunyuan_video"
+    assert "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj" in adapter.modules
+    assert "transformer_blocks.0.attn.to_v" in adapter.modules

@@ -96,12 +96,52 @@ TOP = (
     native("final_layer.adaLN_modulation.1", "norm_out.linear", split=swap_halves),
 )
 
+#: ComfyUI's own HunyuanVideo model (``comfy/ldm/hunyuan_video/model.py``) reuses its Flux layers, so LoRAs trained
+#: or extracted in ComfyUI spell the same modules the Flux way (``img_attn.qkv``, ``img_mod.lin``, ``img_mlp.0``,
+#: ``modulation.lin``, the refiner's ``self_attn.qkv`` / ``mlp.0``, ``time_in.in_layer``); with ``_`` both spellings
+#: coincide. Same diffusers targets and splits as the original names.
+_COMFY_RENAMES = (
+    ("_attn_qkv", "_attn.qkv"),
+    ("_attn_proj", "_attn.proj"),
+    ("_attn_q_norm", "_attn.norm.query_norm"),
+    ("_attn_k_norm", "_attn.norm.key_norm"),
+    ("_mod.linear", "_mod.lin"),
+    ("modulation.linear", "modulation.lin"),
+    ("_mlp.fc1", "_mlp.0"),
+    ("_mlp.fc2", "_mlp.2"),
+    ("single_blocks.{i}.q_norm", "single_blocks.{i}.norm.query_norm"),
+    ("single_blocks.{i}.k_norm", "single_blocks.{i}.norm.key_norm"),
+    ("self_attn_qkv", "self_attn.qkv"),
+    ("self_attn_proj", "self_attn.proj"),
+    ("blocks.{i}.mlp.fc1", "blocks.{i}.mlp.0"),
+    ("blocks.{i}.mlp.fc2", "blocks.{i}.mlp.2"),
+    ("time_in.mlp.0", "time_in.in_layer"),
+    ("time_in.mlp.2", "time_in.out_layer"),
+    ("guidance_in.mlp.0", "guidance_in.in_layer"),
+    ("guidance_in.mlp.2", "guidance_in.out_layer"),
+    ("t_embedder.mlp.0", "t_embedder.in_layer"),
+    ("t_embedder.mlp.2", "t_embedder.out_layer"),
+)
+
+
+def _comfy(name: str) -> str:
+    for old, new in _COMFY_RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
+COMFY = tuple(
+    native(_comfy(r.native), *r.targets, split=r.split)
+    for r in DOUBLE + SINGLE + REFINER + TOP
+    if _comfy(r.native) != r.native
+)
+
 HUNYUAN_VIDEO = register(
     Family(
         name="hunyuan_video",
         title="HunyuanVideo",
         denoiser="transformer",
-        natives=DOUBLE + SINGLE + REFINER + TOP,
+        natives=DOUBLE + SINGLE + REFINER + TOP + COMFY,
         metadata_names=("hunyuan-video", "hunyuanvideo", "hyvideo"),
         hidden_sizes=(3072,),
         # Modules FLUX.1 has no counterpart for: the token refiner, the 3-D patch embedder, the text embedder.
