@@ -148,7 +148,7 @@ def test_sd3_text_encoder_3_keys_in_a_diffusers_file(tmp_path):
 
 
 def test_comfyui_hunyuan_video_spells_modules_the_flux_way(tmp_path):
-    """ComfyUI's HunyuanVideo model reuses its Flux layers: ``img_attn.qkv``, the refiner's ``self_attn.qkv``/``mlp.0``."""
+    """ComfyUI's HunyuanVideo reuses its Flux layers: ``img_attn.qkv``, the refiner's ``self_attn.qkv``, ``mlp.0``."""
     tensors = {}
     shapes = {
         "double_blocks.0.img_attn.qkv": (3 * D, D),
