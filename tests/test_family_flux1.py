@@ -292,3 +292,34 @@ def test_bfl_control_lora_biases_widened_input_and_norm_replacements(tmp_path):
         assert relative_error(adapter.bias_delta(name), bias[j * D : (j + 1) * D]) < 1e-6
     assert any("2 norm weight(s) replaced outright" in n for n in adapter.notes)
     assert not any("norm" in n for n in adapter.modules)
+
+
+def test_diffsynth_flux_names_equal_the_bfl_file_of_the_same_factors(tmp_path):
+    """DiffSynth-Studio's own FluxDiT names (``blocks.N.attn.a_to_qkv``, ``single_blocks.N.to_qkv_mlp``, PEFT's
+    ``.default`` adapter name). diffusers reads no DiffSynth Flux file, so the reference is the BFL-keyed file with the
+    same factors, whose ΔW test_bfl_keys_match_diffusers checks against diffusers (documented re-keying)."""
+    bfl_of = {
+        "blocks.0.attn.a_to_qkv": "double_blocks.0.img_attn.qkv",
+        "blocks.0.attn.b_to_out": "double_blocks.0.txt_attn.proj",
+        "blocks.0.norm1_a.linear": "double_blocks.0.img_mod.lin",
+        "blocks.0.ff_b.2": "double_blocks.0.txt_mlp.2",
+        "single_blocks.0.to_qkv_mlp": "single_blocks.0.linear1",
+        "single_blocks.0.proj_out": "single_blocks.0.linear2",
+    }
+    shapes = {**BFL, LINEAR1[0]: LINEAR1[1]}
+    g = torch.Generator().manual_seed(10)
+    synth, bfl = {}, {}
+    for ds, native in bfl_of.items():
+        down, up = random_lora(*shapes[native], 4, g)
+        synth |= {f"{ds}.lora_A.default.weight": down, f"{ds}.lora_B.default.weight": up}
+        bfl |= {
+            f"diffusion_model.{native}.lora_A.weight": down.clone(),
+            f"diffusion_model.{native}.lora_B.weight": up.clone(),
+        }
+    save_file(synth, str(tmp_path / "ds.safetensors"))
+    save_file(bfl, str(tmp_path / "bfl.safetensors"))
+    a, b = wsa.load_adapter(tmp_path / "ds.safetensors"), wsa.load_adapter(tmp_path / "bfl.safetensors")
+    assert a.format == "diffsynth" and a.family == "flux1"
+    assert list(a.modules) == list(b.modules)
+    for name in a.modules:
+        assert relative_error(a.delta(name), b.delta(name)) < 1e-7, name

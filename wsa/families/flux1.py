@@ -88,6 +88,49 @@ XLABS = (
     native("single_blocks.{i}.processor.proj_lora", f"{_S}.proj_out"),
 )
 
+#: DiffSynth-Studio's own FluxDiT names (``diffsynth/models/flux_dit.py``; LoRAs trained without
+#: ``--align_to_opensource_format``): joint blocks ``blocks.N`` with ``a_``/``b_`` for the image/text streams.
+#: Its AdaLN layers chunk in diffusers' order (no swap).
+_B = "blocks.{i}"
+DIFFSYNTH = (
+    native(f"{_B}.attn.a_to_qkv", f"{_D}.attn.to_q", f"{_D}.attn.to_k", f"{_D}.attn.to_v", split=equal(3)),
+    native(
+        f"{_B}.attn.b_to_qkv", f"{_D}.attn.add_q_proj", f"{_D}.attn.add_k_proj", f"{_D}.attn.add_v_proj", split=equal(3)
+    ),
+    native(f"{_B}.attn.a_to_out", f"{_D}.attn.to_out.0"),
+    native(f"{_B}.attn.b_to_out", f"{_D}.attn.to_add_out"),
+    native(f"{_B}.attn.norm_q_a", f"{_D}.attn.norm_q"),
+    native(f"{_B}.attn.norm_k_a", f"{_D}.attn.norm_k"),
+    native(f"{_B}.attn.norm_q_b", f"{_D}.attn.norm_added_q"),
+    native(f"{_B}.attn.norm_k_b", f"{_D}.attn.norm_added_k"),
+    native(f"{_B}.norm1_a.linear", f"{_D}.norm1.linear"),
+    native(f"{_B}.norm1_b.linear", f"{_D}.norm1_context.linear"),
+    native(f"{_B}.ff_a.0", f"{_D}.ff.net.0.proj"),
+    native(f"{_B}.ff_a.2", f"{_D}.ff.net.2"),
+    native(f"{_B}.ff_b.0", f"{_D}.ff_context.net.0.proj"),
+    native(f"{_B}.ff_b.2", f"{_D}.ff_context.net.2"),
+    native(
+        "single_blocks.{i}.to_qkv_mlp",
+        f"{_S}.attn.to_q",
+        f"{_S}.attn.to_k",
+        f"{_S}.attn.to_v",
+        f"{_S}.proj_mlp",
+        split=heads_then_rest(3),
+    ),
+    native("single_blocks.{i}.proj_out", f"{_S}.proj_out"),
+    native("single_blocks.{i}.norm.linear", f"{_S}.norm.linear"),
+    native("single_blocks.{i}.norm_q_a", f"{_S}.attn.norm_q"),
+    native("single_blocks.{i}.norm_k_a", f"{_S}.attn.norm_k"),
+    native("time_embedder.timestep_embedder.0", "time_text_embed.timestep_embedder.linear_1"),
+    native("time_embedder.timestep_embedder.2", "time_text_embed.timestep_embedder.linear_2"),
+    native("guidance_embedder.timestep_embedder.0", "time_text_embed.guidance_embedder.linear_1"),
+    native("guidance_embedder.timestep_embedder.2", "time_text_embed.guidance_embedder.linear_2"),
+    native("pooled_text_embedder.0", "time_text_embed.text_embedder.linear_1"),
+    native("pooled_text_embedder.2", "time_text_embed.text_embedder.linear_2"),
+    native("final_norm_out.linear", "norm_out.linear"),
+    native("final_proj_out", "proj_out"),
+)
+
 #: Text encoders: sd-scripts writes CLIP-L as ``lora_te1_`` and T5 as ``lora_te3_``; OneTrainer T5 as ``lora_te2_``.
 TEXT_ENCODERS = {
     "lora_te_": "text_encoder",
@@ -101,7 +144,7 @@ FLUX1 = register(
         name="flux1",
         title="FLUX.1 (dev, schnell, Kontext, Krea)",
         denoiser="transformer",
-        natives=DOUBLE + SINGLE + TOP + XLABS,
+        natives=DOUBLE + SINGLE + TOP + XLABS + DIFFSYNTH,
         metadata_names=("flux-1", "flux.1", "flux1", "flux-dev", "flux-schnell", "flux-kontext", "flux-krea"),
         text_encoders=TEXT_ENCODERS,
         hidden_sizes=(3072,),
