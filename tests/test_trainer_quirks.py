@@ -165,3 +165,16 @@ def test_comfyui_hunyuan_video_spells_modules_the_flux_way(tmp_path):
     assert adapter.family == "hunyuan_video"
     assert "context_embedder.token_refiner.refiner_blocks.0.ff.net.0.proj" in adapter.modules
     assert "transformer_blocks.0.attn.to_v" in adapter.modules
+
+
+def test_rank_above_a_modules_width_in_canonical(tmp_path):
+    """ComfyUI trains rank 128 on Flux's img_in (64 inputs): the gauge-fixed form keeps only the real components."""
+    for n in range(3):
+        down, up = _lora(D, 4, 8, 40 + n)  # 4 inputs, rank 8
+        key = "diffusion_model.img_in"
+        save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, str(tmp_path / f"r{n}.safetensors"))
+    store = wsa.ingest([tmp_path], tmp_path / "s", repr="canonical", progress=False)
+    for row_id in store.ids:
+        original = wsa.load_adapter(tmp_path / f"{row_id}.safetensors")
+        back = store.to_adapter(row_id)
+        assert relative_error(back.delta("x_embedder"), original.delta("x_embedder")) < 1e-5

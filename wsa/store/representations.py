@@ -84,7 +84,7 @@ def canonical_factors(
     a = down.reshape(down.shape[0], -1).to(torch.float64)
     rb, rb_exact = _triangular_factor(b)
     ra, ra_exact = _triangular_factor(a.T)
-    u, s, vh = torch.linalg.svd(scale * (rb @ ra.T))
+    u, s, vh = torch.linalg.svd(scale * (rb @ ra.T), full_matrices=False)  # rank > width: the core is not square
     root = s.sqrt()
     if rb_exact is None:
         bc = b @ torch.linalg.solve_triangular(rb, u * root, upper=True)
