@@ -402,6 +402,20 @@ def value_key(v: Hashable) -> str:
     return str(v)
 
 
+def _groups_adapters(field: str, values: list[Any]) -> bool:
+    """Is a metadata field an attribute (it varies and groups adapters), not an identifier?
+
+    Hashes, and text fields with a different value for every adapter (output names, titles), name files;
+    they are left out of ``--labels metadata`` (ask for them by name with ``metadata:FIELD``).
+    """
+    present = [v for v in values if v is not None]
+    distinct = {_id_string(v) for v in present}
+    if len(distinct) < 2 or field.startswith("sshs_") or field.endswith("_hash"):
+        return False
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present)
+    return numeric or len(distinct) < len(present)
+
+
 #: ``--labels`` values that take the attributes from the adapters' own training metadata.
 METADATA_SPEC = "metadata"
 
@@ -425,7 +439,7 @@ def metadata_labels(rows: Sequence[Mapping[str, Any]], spec: str, out: str | Pat
         records.append(record)
     fields = sorted({k for r in records for k in r} - {"id"})
     if spec == METADATA_SPEC:
-        chosen = [f for f in fields if len({_id_string(r.get(f)) for r in records if r.get(f) is not None}) > 1]
+        chosen = [f for f in fields if _groups_adapters(f, [r.get(f) for r in records])]
         if not chosen:
             raise ConfigError(
                 f"--labels metadata: no metadata field varies across the {len(records)} adapters "
