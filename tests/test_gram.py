@@ -123,11 +123,30 @@ def test_gram_route_on_cuda_equals_cpu(stores):
 def test_wide_rows_summed_module_run_by_run_equal_row_blocks(stores, tmp_path, budget):
     """DiT-sized rows do not fit two row blocks in memory: the column-run route reads each module's columns of
     all rows at once and must give the same Gram matrix (with LoRA biases and dense modules too)."""
-    from wsa.gram import gram_matrix
+    from wsa.gram import _GRAM_CACHE, gram_matrix
 
     raw, delta = stores
     canonical = wsa.ingest([raw.path.parent / "loras"], tmp_path / "c", repr="canonical", progress=False)
     for store in (raw, canonical, delta):
+        _GRAM_CACHE.clear()
         rows = gram_matrix(store, block_rows=7, progress=False, budget=10**9)
+        _GRAM_CACHE.clear()
         cols = gram_matrix(store, block_rows=2048, progress=False, budget=budget)
         np.testing.assert_allclose(cols, rows, rtol=1e-5, atol=1e-6 * np.abs(rows).max())  # float32 sums
+
+
+def test_the_fit_and_the_heldout_test_read_the_store_once(stores, monkeypatch):
+    """At DiT scale one Gram is a full read of the store: the held-out test reuses the fit's (a copy)."""
+    from wsa.gram import _GRAM_CACHE, gram_matrix
+
+    raw, _ = stores
+    _GRAM_CACHE.clear()
+    first = gram_matrix(raw, progress=False)
+    first[0, 0] = -1.0  # callers centre K in place: the cache must not see it
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("the store was read again")
+
+    monkeypatch.setattr(type(raw), "read_rows", no_reads)
+    again = gram_matrix(raw, progress=False)
+    assert again[0, 0] > 0

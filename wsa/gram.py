@@ -201,6 +201,9 @@ def gram_matrix(
 
     n = len(store)
     plan = _gram_plan(store.layout)  # fails early on layouts it cannot read
+    key = _cache_key(store)
+    if key in _GRAM_CACHE:
+        return _GRAM_CACHE[key].copy()  # callers centre K in place
     need = 8 * n * n
     if need > _physical_memory() // 2:
         raise ConfigError(
@@ -210,7 +213,7 @@ def gram_matrix(
     budget = budget or _physical_memory() // 8
     row_bytes = 4 * store.n_features
     if 2 * min(n, block_rows) * row_bytes > budget:
-        return _gram_by_columns(store, plan, budget, device, progress)
+        return _remember(key, _gram_by_columns(store, plan, budget, device, progress))
     K = np.empty((n, n), dtype=np.float64)
     starts = list(range(0, n, block_rows))
     bar = tqdm(total=len(starts) * (len(starts) + 1) // 2, desc="gram", disable=None if progress else True)
@@ -223,6 +226,24 @@ def gram_matrix(
             K[b : b + len(rows_b), a : a + len(rows_a)] = g.T
             bar.update(1)
     bar.close()
+    return _remember(key, K)
+
+
+#: Gram matrices already computed in this process (the fit and the held-out test need the same one: at DiT
+#: scale each costs a full read of the store and N²·r²·Σ(out+in) multiply-adds). Only small ones are kept.
+_GRAM_CACHE: dict[tuple, np.ndarray] = {}
+_CACHE_BYTES = 256 << 20
+
+
+def _cache_key(store) -> tuple:
+    st = store.matrix_path.stat()
+    return (str(store.matrix_path.resolve()), st.st_size, st.st_mtime_ns, len(store))
+
+
+def _remember(key: tuple, K: np.ndarray) -> np.ndarray:
+    if K.nbytes <= _CACHE_BYTES:
+        _GRAM_CACHE.clear()  # one store at a time
+        _GRAM_CACHE[key] = K.copy()
     return K
 
 
@@ -271,6 +292,7 @@ def _gram_by_columns(store, plan: _GramPlan, budget: int, device, progress: bool
             (slice(d.start - s, d.stop - s), slice(u.start - s, u.stop - s), ds, us, sc) for d, u, ds, us, sc in items
         )
         K += gram_block(cols, cols, _GramPlan(shifted, inside), device)
+        del cols  # before the next run is read: one run in memory, not two
         bar.update(1)
     for lo in range(0, rest.size, max(1, budget // per_column)):
         chunk = rest[lo : lo + max(1, budget // per_column)]

@@ -8,15 +8,21 @@ paths. Adding a family: one module here, its import below, and its place in ``re
 from __future__ import annotations
 
 from wsa.families import (
+    auraflow,
     chroma,
+    cogvideox,
     flux1,
     flux2,
     hidream,
     hunyuan_video,
+    hunyuan_video15,
     ltx2,
     ltx_video,
     lumina2,
+    mochi,
+    pixart,
     qwen_image,
+    sana,
     sd,
     sd3,
     wan,

@@ -21,12 +21,18 @@ PRIORITY = (
     "qwen_image",
     "z_image",
     "lumina2",
+    "hunyuan_video15",  # before hunyuan_video: its metadata name "hunyuan-video" is a prefix of 1.5's
     "hunyuan_video",
     "ltx_video",
     "ltx2",
     "hidream",
     "wan21",
     "wan22",
+    "auraflow",
+    "pixart",
+    "sana",
+    "cogvideox",
+    "mochi",
 )
 _registered: list[str] = []
 
