@@ -97,83 +97,104 @@ def main() -> None:
     p.add_argument("--data", default="bench-data/flux")
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--keep", action="store_true")
+    p.add_argument(
+        "--stages",
+        default="read,ingest,analyze",
+        help="stages to (re)measure; the others keep their result from the last run's JSON (resumable)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the store after the last stage")
     p.add_argument("--doc", default=str(ROOT / "docs/benchmarks.md"))
     args = p.parse_args()
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
 
     folder = Path(args.data) / f"n{args.n}"
     t_gen, total = generate(folder, args.n, args.procs)
     files = sorted(folder.glob("*.safetensors"))[: args.n]
     print(f"generated {len(files)} files, {total / 1e9:.1f} GB in {t_gen:.0f} s", file=sys.stderr)
-
-    cold = drop_caches()
-    t_read, n_bytes = plain_read(files)
-    store = Path(args.data) / f"store-n{args.n}"
-    shutil.rmtree(store, ignore_errors=True)
-    report = Path(args.data) / f"report-n{args.n}"
-    shutil.rmtree(report, ignore_errors=True)
-    cold = drop_caches() and cold
-    ingest_cmd = [wsa_exe(), "ingest", str(folder), "--out", str(store), "--repr", "canonical"]
-    ingest_cmd += ["--dtype", "float16", "--quiet"]
-    ing = run_measured(ingest_cmd, len(files), store / ".partial" / "rows.jsonl")
-    manifest = json.loads((store / "wsa_store.json").read_text())
-    n_features = manifest["n_features"]
-    analyze_cmd = [wsa_exe(), "analyze", str(store), "--out", str(report), "--repr", "delta"]
-    analyze_cmd += ["--analyzers", "pca", "--n-components", str(args.k), "--quiet"]
-    ana = run_measured(analyze_cmd, len(files), None)
-    results = json.loads((report / "results.json").read_text())
-    pca = next(r for r in results["results"] if r["analyzer"] == "pca")
-    ranks = sorted({m["rank"] for m in manifest["layout"]["modules"]})
-    mods = flux_modules()
-    delta_entries = sum(o * i for _, o, i in mods)
-    mach = machine()
-    record = {
-        "n": len(files),
-        "bytes": n_bytes,
-        "plain_read_s": round(t_read, 2),
-        "plain_read_mb_s": round(n_bytes / t_read / 1e6, 1),
-        "ingest": ing,
-        "analyze": ana,
-        "n_features": n_features,
-        "layout_ranks": ranks,
-        "delta_entries_per_adapter": delta_entries,
-        "cold_cache": cold,
-        "pca_summary": pca["summary"],
-        "machine": mach,
-        "commit": code_version(),
-    }
     out_json = ROOT / "docs" / "measurements" / f"dit-flux-n{len(files)}.json"
-    out_json.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    cache = "cold cache (page cache dropped)" if cold else "warm cache (could not drop the page cache)"
-    block = "\n".join(
+    record = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    store = Path(args.data) / f"store-n{args.n}"
+    report = Path(args.data) / f"report-n{args.n}"
+
+    if "read" in stages or "plain_read_s" not in record:
+        cold = drop_caches()
+        t_read, n_bytes = plain_read(files)
+        record.update(plain_read_s=round(t_read, 2), bytes=n_bytes, cold_cache=cold, n=len(files))
+        _save(out_json, record)
+    if "ingest" in stages or not (store / "wsa_store.json").is_file():
+        shutil.rmtree(store, ignore_errors=True)
+        drop_caches()
+        cmd = [wsa_exe(), "ingest", str(folder), "--out", str(store), "--repr", "canonical", "--dtype", "float16", "-q"]
+        record["ingest"] = run_measured(cmd, len(files), store / ".partial" / "rows.jsonl")
+        record["ingest_commit"] = code_version()
+        _save(out_json, record)
+    manifest = json.loads((store / "wsa_store.json").read_text())
+    if "analyze" in stages:
+        shutil.rmtree(report, ignore_errors=True)
+        drop_caches()
+        cmd = [wsa_exe(), "analyze", str(store), "--out", str(report), "--repr", "delta", "--analyzers", "pca"]
+        cmd += ["--n-components", str(args.k), "--quiet"]
+        record["analyze"] = run_measured(cmd, len(files), None)
+        results = json.loads((report / "results.json").read_text())
+        pca = next(r for r in results["results"] if r["analyzer"] == "pca")
+        record["pca_summary"] = pca["summary"]
+        record["timings_s"] = results["run"]["timings_s"]
+        record["analyze_commit"] = code_version()
+        _save(out_json, record)
+    mods = flux_modules()
+    record.update(
+        n_features=manifest["n_features"],
+        layout_ranks=sorted({m["rank"] for m in manifest["layout"]["modules"]}),
+        delta_entries_per_adapter=sum(o * i for _, o, i in mods),
+        machine=machine(),
+    )
+    _save(out_json, record)
+    if "ingest" not in record or "analyze" not in record:
+        print("measured so far (run the missing stages to write the doc section):", record, file=sys.stderr)
+        return
+    block = _block(record, args, out_json.name, len(mods))
+    _write(Path(args.doc), block)
+    if not args.keep:
+        shutil.rmtree(store, ignore_errors=True)
+    print(block)
+
+
+def _save(path: Path, record: dict) -> None:
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+
+
+def _block(r: dict, args: argparse.Namespace, json_name: str, n_modules: int) -> str:
+    mach, ing, ana = r["machine"], r["ingest"], r["analyze"]
+    n_bytes, t_read = r["bytes"], r["plain_read_s"]
+    cache = "cold cache (page cache dropped)" if r.get("cold_cache") else "warm cache (could not drop the page cache)"
+    ratio = r["delta_entries_per_adapter"] / r["n_features"]
+    timings = r.get("timings_s", {})
+    return "\n".join(
         [
             "",
-            f"Produced by `benchmarks/bench_dit.py --n {args.n}` on commit {record['commit']}, {mach['cpu']}, "
-            f"{mach['nproc']} cores, {mach['ram_gb']:.0f} GiB RAM, {cache}; raw numbers in "
-            f"`docs/measurements/{out_json.name}`.",
+            f"Produced by `benchmarks/bench_dit.py --n {r['n']}` (ingest on commit {r['ingest_commit']}, analyze on "
+            f"{r['analyze_commit']}), {mach['cpu']}, {mach['nproc']} cores, {mach['ram_gb']:.0f} GiB RAM, {cache}; "
+            f"raw numbers in `docs/measurements/{json_name}`.",
             "",
-            f"{len(files)} Flux.1-shaped LoRA files (ai-toolkit/diffusers keys, bf16, {len(mods)} modules, rank 16 "
-            f"and 8 mixed), {n_bytes / 1e9:.1f} GB. The store pads every module to rank {ranks[-1]}: "
-            f"{n_features:,} gauge-fixed factor numbers per adapter (float16), where dense ΔW would be "
-            f"{delta_entries:,} ({delta_entries / n_features:.0f}×).",
+            f"{r['n']} Flux.1-shaped LoRA files (ai-toolkit/diffusers keys, bf16, {n_modules} modules, rank 16 for "
+            f"three in four and 8 for the rest), {n_bytes / 1e9:.1f} GB. The store pads every module to rank "
+            f"{r['layout_ranks'][-1]}: {r['n_features']:,} gauge-fixed factor numbers per adapter (float16), where "
+            f"dense ΔW would be {r['delta_entries_per_adapter']:,} ({ratio:.0f}×); ΔW is never formed.",
             "",
             "| step | seconds | rate | peak RSS |",
             "|---|---|---|---|",
             f"| plain read of the files (one thread) | {t_read:.1f} | {n_bytes / t_read / 1e6:.0f} MB/s | - |",
             f"| `wsa ingest --repr canonical --dtype float16` | {ing['wall']:.1f} | "
-            f"{n_bytes / ing['wall'] / 1e6:.0f} MB/s ({t_read / ing['wall']:.2f}× the plain read) | "
-            f"{ing['maxrss_gb']:.2f} GiB (anon {ing['peak_anon_gb']:.2f}) |",
-            f"| `wsa analyze --repr delta --analyzers pca --n-components {args.k}` (ΔW PCA from factor Grams) | "
-            f"{ana['wall']:.1f} | - | {ana['maxrss_gb']:.2f} GiB (anon {ana['peak_anon_gb']:.2f}) |",
+            f"{n_bytes / ing['wall'] / 1e6:.0f} MB/s ({t_read / ing['wall']:.2f}× the plain read's rate) | "
+            f"{ing['maxrss_gb']:.2f} GiB |",
+            f"| `wsa analyze --repr delta --analyzers pca --n-components {args.k}` (ΔW PCA from factor Grams, "
+            f"held-out test included) | {ana['wall']:.1f} | - | {ana['maxrss_gb']:.2f} GiB |",
             "",
-            f"PCA: {pca['summary']}",
+            f"Inside analyze (seconds): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}.",
+            f"PCA: {r['pca_summary']}",
             "",
         ]
     )
-    _write(Path(args.doc), block)
-    if not args.keep:
-        shutil.rmtree(store, ignore_errors=True)
-    print(block)
 
 
 def _write(path: Path, block: str) -> None:
