@@ -161,12 +161,6 @@ def test_attention_only_file_is_decided_by_metadata(tmp_path):
     assert assert_same_deltas(path, reference, "pixart").family_source == "keys"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resolve._tie_break matches every candidate's evidence against the FIRST candidate's canonical names; "
-    "LTX-Video renames adaln_single.linear to time_embed.linear, so PixArt's evidence ^adaln_single\\. never sees "
-    "its own name (fix: test each candidate's evidence on that candidate's target_names)",
-)
 def test_adaln_single_proves_pixart_over_ltx_video(tmp_path):
     """``adaln_single.linear`` is also LTX-Video's native name (of its ``time_embed.linear``); as a diffusers name it
     is PixArt's alone, which PixArt's evidence says."""

@@ -209,8 +209,12 @@ class Family:
         return any((u if underscored else d).fullmatch(path) for d, u, _, _ in self._patterns)
 
     def names_metadata(self, value: str) -> bool:
+        return self.metadata_match(value) > 0
+
+    def metadata_match(self, value: str) -> int:
+        """Length of the longest of this family's metadata names that ``value`` starts with (0: none)."""
         v = normalise_arch(value)
-        return any(v == n or v.startswith(n) for n in self.metadata_names + self.variants)
+        return max((len(n) for n in self.metadata_names + self.variants if v == n or v.startswith(n)), default=0)
 
 
 def _fill(template: str, values: Mapping[str, str]) -> str:

@@ -41,10 +41,13 @@ def family_from_metadata(metadata: Mapping[str, str]) -> tuple[str | None, str |
         value = metadata.get(key)
         if not isinstance(value, str) or not value.strip():
             continue
-        for fam in families():
-            if fam.names_metadata(value):
-                return fam.name, value
-        return None, value
+        # The most specific name wins: "hunyuan-video-1.5" is HunyuanVideo 1.5, not 1.0's "hunyuan-video".
+        scored = [
+            (fam.metadata_match(value) if fam.names_metadata(value) else 0, -i, fam.name)
+            for i, fam in enumerate(families())
+        ]
+        best = max(scored)
+        return (best[2], value) if best[0] > 0 else (None, value)
     return None, None
 
 
@@ -174,10 +177,13 @@ def _tie_break(candidates: tuple[str, ...], denoiser: Mapping[tuple[str, bool], 
         if len(kept) == 1:
             return FAMILIES.get(kept[0]), "keys+shapes"
         candidates = kept
-    names = [n for p, u in denoiser for n in FAMILIES.get(candidates[0]).target_names(p, u)]
-    proven = [
-        c for c in candidates if FAMILIES.get(c).evidence and any(re.search(FAMILIES.get(c).evidence, n) for n in names)
-    ]
+
+    def proves(c: str) -> bool:  # evidence is about a family's own canonical names (LTX renames adaln_single)
+        fam = FAMILIES.get(c)
+        names = (n for p, u in denoiser for n in fam.target_names(p, u))
+        return bool(fam.evidence) and any(re.search(fam.evidence, n) for n in names)
+
+    proven = [c for c in candidates if proves(c)]
     if len(proven) == 1:
         return FAMILIES.get(proven[0]), "keys (structure)"
     dims = {d for mod in denoiser.values() for d in mod.shape}
