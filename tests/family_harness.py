@@ -64,3 +64,47 @@ def random_lora(out_features: int, in_features: int, rank: int, generator: torch
 def linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``{module path: (out, in)}`` of every Linear of ``model``."""
     return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Linear)}  # type: ignore[misc]
+
+
+def lora_factors(
+    targets: Mapping[str, nn.Module], seed: int, names: set[str] | None = None, rank: int | None = None
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{module path: (down, up)}`` for ``targets`` (sorted), ranks 1-5 in turn unless ``rank``.
+
+    Conv factors are ``r × in × kh × kw`` / ``out × r × 1 … 1`` (a LoRA on a conv puts the kernel in down).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, (name, mod) in enumerate(sorted(targets.items())):
+        if names is not None and name not in names:
+            continue
+        r, w = rank or 1 + i % 5, mod.weight
+        down, up = random_lora(w.shape[0], w[0].numel(), r, g)
+        out[name] = (down.reshape(r, *w.shape[1:]), up.reshape(w.shape[0], r, *[1] * (w.ndim - 2)))
+    return out
+
+
+def write_keyed(path: Path, factors: Mapping[str, tuple[Tensor, Tensor]], prefix: str = "transformer.", metadata=None):
+    """A diffusers/PEFT-keyed file: ``<prefix><path>.lora_A.weight`` / ``.lora_B.weight``."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (down, up) in factors.items():
+        tensors[f"{prefix}{name}.lora_A.weight"] = down
+        tensors[f"{prefix}{name}.lora_B.weight"] = up
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def write_kohya(path: Path, factors: Mapping[str, tuple[Tensor, Tensor]], prefix: str, alpha: float, metadata=None):
+    """``<prefix><path with _>`` with ``lora_up = B · rank / alpha`` (ΔW unchanged) and alpha per module."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (down, up) in factors.items():
+        key = prefix + name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up * (down.shape[0] / alpha)
+        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path), metadata=metadata)
+    return path

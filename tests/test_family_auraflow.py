@@ -16,7 +16,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 import wsa
-from tests.family_harness import assert_same_deltas, diffusers_deltas, random_lora
+from tests.family_harness import (
+    assert_same_deltas,
+    diffusers_deltas,
+    lora_factors,
+    random_lora,
+    write_keyed,
+    write_kohya,
+)
 from wsa.errors import FormatError
 
 diffusers = pytest.importorskip("diffusers")
@@ -47,36 +54,16 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _factors(model, seed, names=None):
-    """``{diffusers path: (A, B)}``, ranks 1-5."""
-    g = torch.Generator().manual_seed(seed)
-    targets = sorted(_targets(model).items())
-    return {
-        name: random_lora(*mod.weight.shape, 1 + i % 5, g)
-        for i, (name, mod) in enumerate(targets)
-        if names is None or name in names
-    }
+def _factors(model, seed, names=None, rank=None):
+    return lora_factors(_targets(model), seed, names, rank)
 
 
 def _peft_file(path, factors, metadata=None):
-    tensors = {}
-    for name, (down, up) in factors.items():
-        tensors[f"transformer.{name}.lora_A.weight"] = down
-        tensors[f"transformer.{name}.lora_B.weight"] = up
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return write_keyed(path, factors, metadata=metadata)
 
 
 def _kohya_file(path, factors, prefix, alpha, metadata=None):
-    """``<prefix><path with _>``: ``lora_up = B · rank / alpha`` (ΔW unchanged), alpha per module."""
-    tensors = {}
-    for name, (down, up) in factors.items():
-        key = prefix + name.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = down
-        tensors[f"{key}.lora_up.weight"] = up * (down.shape[0] / alpha)
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return write_kohya(path, factors, prefix, alpha, metadata)
 
 
 def test_diffusers_keys_match_diffusers(tmp_path):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import wsa
-from tests.family_harness import assert_same_deltas, diffusers_deltas, random_lora
+from tests.family_harness import assert_same_deltas, diffusers_deltas, lora_factors, random_lora, write_keyed
 from wsa.errors import FormatError
 
 diffusers = pytest.importorskip("diffusers")
@@ -43,26 +43,12 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
 
 
-def _factors(model, seed, names=None):
-    """``{diffusers path: (A, B)}``, ranks 1-5; conv factors ``r×in×kh×kw`` / ``out×r×1×1``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, (name, mod) in enumerate(sorted(_targets(model).items())):
-        if names is not None and name not in names:
-            continue
-        r, w = 1 + i % 5, mod.weight
-        down, up = random_lora(w.shape[0], w[0].numel(), r, g)
-        out[name] = (down.reshape(r, *w.shape[1:]), up.reshape(w.shape[0], r, *[1] * (w.ndim - 2)))
-    return out
+def _factors(model, seed, names=None, rank=None):
+    return lora_factors(_targets(model), seed, names, rank)
 
 
 def _peft_file(path, factors, metadata=None):
-    tensors = {}
-    for name, (down, up) in factors.items():
-        tensors[f"transformer.{name}.lora_A.weight"] = down
-        tensors[f"transformer.{name}.lora_B.weight"] = up
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return write_keyed(path, factors, metadata=metadata)
 
 
 def test_diffusers_keys_match_diffusers(tmp_path):

@@ -15,7 +15,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 import wsa
-from tests.family_harness import assert_same_deltas, diffusers_deltas, random_lora
+from tests.family_harness import (
+    assert_same_deltas,
+    diffusers_deltas,
+    lora_factors,
+    random_lora,
+    write_keyed,
+    write_kohya,
+)
 from wsa.errors import FormatError
 
 diffusers = pytest.importorskip("diffusers")
@@ -55,37 +62,15 @@ def _targets(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _factors(model, seed, names=None, rank=None):
-    """``{diffusers path: (A, B)}``, ranks 1-5 unless ``rank``; conv factors ``r×in×kh×kw`` / ``out×r×1×1``."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for i, (name, mod) in enumerate(sorted(_targets(model).items())):
-        if names is not None and name not in names:
-            continue
-        r, w = rank or 1 + i % 5, mod.weight
-        down, up = random_lora(w.shape[0], w[0].numel(), r, g)
-        out[name] = (down.reshape(r, *w.shape[1:]), up.reshape(w.shape[0], r, *[1] * (w.ndim - 2)))
-    return out
+    return lora_factors(_targets(model), seed, names, rank)
 
 
 def _peft_file(path, factors, metadata=None):
-    tensors = {}
-    for name, (down, up) in factors.items():
-        tensors[f"transformer.{name}.lora_A.weight"] = down
-        tensors[f"transformer.{name}.lora_B.weight"] = up
-    save_file(tensors, str(path), metadata=metadata)
-    return path
+    return write_keyed(path, factors, metadata=metadata)
 
 
-def _kohya_file(path, factors, prefix, alpha):
-    """``<prefix><path with _>``: ``lora_up = B · rank / alpha`` (ΔW unchanged), alpha per module."""
-    tensors = {}
-    for name, (down, up) in factors.items():
-        key = prefix + name.replace(".", "_")
-        tensors[f"{key}.lora_down.weight"] = down
-        tensors[f"{key}.lora_up.weight"] = up * (down.shape[0] / alpha)
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path))
-    return path
+def _kohya_file(path, factors, prefix, alpha, metadata=None):
+    return write_kohya(path, factors, prefix, alpha, metadata)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
