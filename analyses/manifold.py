@@ -196,14 +196,18 @@ class Manifold(Analyzer):
         }
 
         encoded = encoded_labels(ctx.labels, all_ids)
+        self.colour_warnings_: list[str] = []
         if self.color_by:
+            # A warning, not an error: after a split by family a metadata field may be absent or constant in one
+            # family (every Flux file says "flux1"), and that family's report must still be written.
             unknown = [c for c in self.color_by if c not in encoded]
             if unknown:
-                raise ConfigError(
-                    f"--color-by {', '.join(unknown)}: not a label column (columns: {', '.join(encoded) or 'none'}); "
-                    "with --labels metadata, the adapters' training metadata fields are the columns"
+                self.colour_warnings_.append(
+                    f"--color-by {', '.join(unknown)}: not a label column that varies here (columns: "
+                    f"{', '.join(encoded) or 'none'}); maps coloured by the other columns"
                 )
-            encoded = {c: encoded[c] for c in self.color_by}
+            chosen = {c: encoded[c] for c in self.color_by if c in encoded}
+            encoded = chosen or encoded
         self.labels_ = {name: (kind, vals[rows]) for name, (kind, vals, _) in encoded.items()}
         self.class_names_ = {name: names for name, (_, _, names) in encoded.items()}
         spaces = {f"PC space ({k} PCs)": x, **{f"{m} map": c for m, c in self.coords_.items()}}
@@ -349,6 +353,7 @@ class Manifold(Analyzer):
             tables=tuple(tables),
             figures=tuple(figures),
             notes=tuple(notes),
+            warnings=tuple(self.colour_warnings_),
             data=data,
             params=self.get_params(),
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from wsa.analyses import AnalysisContext, Result, available_analyzers, get_analyzer
-from wsa.errors import ConfigError
+from wsa.errors import ConfigError, FormatError
 from wsa.store import Store, ingest, open_store
 from wsa.store.store import MANIFEST
 
@@ -290,9 +290,17 @@ def run_analysis(
         _record_decoding(out / "space", store, config)
     timings["space"] = time.perf_counter() - t0
     label_path = config.labels
+    labels = None
     if is_metadata_spec(label_path):
-        label_path = str(metadata_labels(store.rows, label_path, out / "metadata_labels.json"))
-    labels = load_labels(label_path, list(space.ids)) if label_path else None
+        # The adapters' own metadata may not vary (within one family it often does not): then the report is
+        # written without attribute sections, with the reason as an alert, instead of no report.
+        try:
+            label_path = str(metadata_labels(store.rows, label_path, out / "metadata_labels.json"))
+            labels = load_labels(label_path, list(space.ids))
+        except (ConfigError, FormatError) as exc:
+            early_warnings.append(f"labels: {exc}; analysed without labels")
+    elif label_path:
+        labels = load_labels(label_path, list(space.ids))
     decoder = None
     if config.decode and any(a.requires_decoder for a in analyzers):
         from wsa.decoding.decoder import decoder_for_store
@@ -424,9 +432,12 @@ def _run_per_family(
             except WsaError as exc:
                 entry["error"] = str(exc)
         entries.append(entry)
-    return write_family_index(
-        out, entries, problems, {"command": list(argv) if argv else None, "inputs": [str(p) for p in inputs]}
-    )
+    run = {"command": list(argv) if argv else None, "inputs": [str(p) for p in inputs]}
+    index = write_family_index(out, entries, problems, run)
+    if not any("report" in e for e in entries):
+        reasons = "; ".join(f"{e['family']}: {e.get('error')}" for e in entries)
+        raise ConfigError(f"{index}: no family could be analysed ({reasons})")
+    return index
 
 
 def _read_headline(folder: Path) -> dict[str, Any]:

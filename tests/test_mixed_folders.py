@@ -182,5 +182,19 @@ def test_metadata_labels_and_colour_by(folder, tmp_path):
     assert result.exit_code == 0, result.output
     table = json.loads((out / "metadata_labels.json").read_text())
     assert {r["id"]: r["ss_network_dim"] for r in table}["b_kohya_r8"] == 8
-    bad = CliRunner().invoke(main, [*args[:-2], "--color-by", "nope", "--out", str(tmp_path / "n")])
-    assert bad.exit_code == 1 and "nope" in bad.output
+    # A column that is absent (or constant in one family after a split) is an alert, not a lost report.
+    odd = CliRunner().invoke(main, [*args[:-2], "--color-by", "nope", "--out", str(tmp_path / "n")])
+    assert odd.exit_code == 0, odd.output
+    assert "nope" in " ".join(json.loads((tmp_path / "n" / "results.json").read_text())["run"]["warnings"])
+
+
+def test_metadata_labels_after_a_split_by_family_never_lose_a_report(folder, tmp_path):
+    """The help's example on a mixed folder: within each family the base-model field is constant."""
+    out = tmp_path / "mixed"
+    args = ["analyze", str(folder), "--out", str(out), "--repr", "canonical", "--quiet", "--analyzers", "pca"]
+    result = CliRunner().invoke(main, [*args, "--labels", "metadata", "--color-by", "ss_base_model_version"])
+    assert result.exit_code == 0, result.output
+    for family in ("flux1", "sd15"):
+        run = json.loads((out / family / "results.json").read_text())["run"]
+        assert (out / family / "index.html").is_file()
+        assert any(w.startswith("labels:") for w in run["warnings"]) or "labels" in run

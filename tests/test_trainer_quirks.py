@@ -178,3 +178,63 @@ def test_rank_above_a_modules_width_in_canonical(tmp_path):
         original = wsa.load_adapter(tmp_path / f"{row_id}.safetensors")
         back = store.to_adapter(row_id)
         assert relative_error(back.delta("x_embedder"), original.delta("x_embedder")) < 1e-5
+
+
+def test_family_option_reads_files_whose_names_also_fit_it(tmp_path):
+    """ComfyUI-trained HunyuanVideo files with Flux-style names, no metadata, guess FLUX.1: --family corrects it."""
+    for n in range(3):
+        down, up = _lora(3 * D, D, 2, 50 + n)
+        key = "diffusion_model.double_blocks.0.img_attn.qkv"
+        save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, str(tmp_path / f"hv{n}.safetensors"))
+    assert wsa.load_adapter(tmp_path / "hv0.safetensors").family == "flux1"
+    assert "hunyuan_video" in wsa.load_adapter(tmp_path / "hv0.safetensors").family_candidates
+    store = wsa.ingest([tmp_path], tmp_path / "s", family="hunyuan_video", repr="canonical", progress=False)
+    assert len(store) == 3 and store.manifest["family"] == "hunyuan_video"
+    assert not store.manifest["left_out"]
+
+
+def test_extra_modules_are_a_mismatch_in_exact_mode(tmp_path):
+    """Two I2V files among T2V ones: their extra image-attention modules must not be dropped silently."""
+    for n in range(4):
+        tensors = {}
+        names = ["blocks.0.self_attn.q", "blocks.0.cross_attn.k"] + (["blocks.0.cross_attn.k_img"] if n >= 3 else [])
+        for i, name in enumerate(names):
+            down, up = _lora(D, D, 2, 60 + 10 * n + i)
+            tensors |= {f"lora_unet_{name.replace('.', '_')}.lora_down.weight": down}
+            tensors |= {f"lora_unet_{name.replace('.', '_')}.lora_up.weight": up}
+        save_file(tensors, str(tmp_path / f"w{n}.safetensors"))
+    with pytest.raises(wsa.errors.CollectionError, match=r"add_k_proj.* is not in the collection.s layout"):
+        wsa.ingest([tmp_path], tmp_path / "s", progress=False)
+    store = wsa.ingest([tmp_path], tmp_path / "i", modules="intersect", progress=False)
+    assert len(store) == 4
+
+
+def test_comfyui_linear_shaped_conv_lora_equals_kohya_locon(tmp_path):
+    """ComfyUI's trainer stores a 3×3 conv LoRA as r × (in·9); kohya LoCon as r × in × 3 × 3: one module."""
+    g = torch.Generator().manual_seed(70)
+    down4, up4 = torch.randn(2, D, 3, 3, generator=g), torch.randn(D, 2, 1, 1, generator=g)
+    key = "input_blocks.1.0.in_layers.2"
+    comfy = {
+        f"diffusion_model.{key}.lora_down.weight": down4.reshape(2, -1),
+        f"diffusion_model.{key}.lora_up.weight": up4[:, :, 0, 0],
+    }
+    kohya = {
+        f"lora_unet_{key.replace('.', '_')}.lora_down.weight": down4,
+        f"lora_unet_{key.replace('.', '_')}.lora_up.weight": up4,
+    }
+    save_file(comfy, str(tmp_path / "comfy.safetensors"))
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    a, b = wsa.load_adapter(tmp_path / "comfy.safetensors"), wsa.load_adapter(tmp_path / "kohya.safetensors")
+    name = "down_blocks.0.resnets.0.conv1"
+    assert a.modules[name].shape == b.modules[name].shape == (D, D, 3, 3)
+    assert relative_error(a.delta(name), b.delta(name)) < 1e-7
+
+
+def test_a_conversion_beside_its_original_gets_its_own_id(tmp_path):
+    down, up = _lora(D, D, 2, 80)
+    key = "lora_unet_double_blocks_0_img_attn_proj"
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, str(tmp_path / "a.safetensors"))
+    torch.save({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, tmp_path / "a.pt")
+    from wsa.store.discover import discover
+
+    assert sorted(s.id for s in discover([tmp_path])) == ["a", "a.safetensors"]

@@ -92,6 +92,8 @@ class Adapter:
     family_source: str = ""
     #: What the reader did beyond renaming (fused layers split, rows reordered, metadata disagreeing).
     notes: tuple[str, ...] = ()
+    #: Other families whose names and shapes this adapter also fits (``--family`` may pick one of them).
+    family_candidates: tuple[str, ...] = ()
 
     def delta(self, module: str, base_weight: Tensor | None = None) -> Tensor:
         """The dense ΔW of ``module`` as float32, scale applied, in the base layer's weight shape.

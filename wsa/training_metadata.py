@@ -84,8 +84,11 @@ def trigger_words(tag_frequency: str | None, n: int = N_TRIGGER_WORDS) -> list[s
 
 
 def _number(value: str) -> float | int | None:
+    text = str(value).strip()
+    if text.lstrip("+-").isdigit():
+        return int(text)  # exact: seeds above 2^53 stay integers
     try:
-        x = float(value)
+        x = float(text)
     except (TypeError, ValueError):
         return None
     if not math.isfinite(x):

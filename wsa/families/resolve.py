@@ -8,8 +8,10 @@ the family, renames each module, and splits fused modules into diffusers' module
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,6 +21,24 @@ from wsa.adapter import ModuleWeights
 from wsa.errors import FormatError
 from wsa.families.base import Family, normalise_arch
 from wsa.families.registry import FAMILIES, families
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("wsa_forced_family", default=None)
+
+
+@contextlib.contextmanager
+def forced_family(name: str | None) -> Iterator[None]:
+    """Inside this block (in this thread), files are read as family ``name`` (``--family``), not the best guess.
+
+    Why: keys that fit several families (a ComfyUI-trained HunyuanVideo LoRA spells its modules the Flux
+    way) are decided by metadata or a priority; the user who knows better names the family. A file whose
+    modules do not fit it still fails, naming the module.
+    """
+    token = _FORCED.set(name if name not in (None, "unknown") else None)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
 
 #: Header fields that name the base model, most specific first (kohya/musubi/ai-toolkit, SAI model spec, CivitAI).
 METADATA_FIELDS = ("ss_base_model_version", "modelspec.architecture", "baseModel", "base_model")
@@ -37,18 +57,21 @@ class Resolved:
 
 def family_from_metadata(metadata: Mapping[str, str]) -> tuple[str | None, str | None]:
     """``(family, metadata value)`` the header names; ``(None, value or None)`` if it names none we know."""
-    for key in METADATA_FIELDS:
+    first: str | None = None
+    for key in METADATA_FIELDS:  # the first field that names a family (kohya SD3 writes "medium" in the first)
         value = metadata.get(key)
         if not isinstance(value, str) or not value.strip():
             continue
+        first = first or value
         # The most specific name wins: "hunyuan-video-1.5" is HunyuanVideo 1.5, not 1.0's "hunyuan-video".
         scored = [
             (fam.metadata_match(value) if fam.names_metadata(value) else 0, -i, fam.name)
             for i, fam in enumerate(families())
         ]
         best = max(scored)
-        return (best[2], value) if best[0] > 0 else (None, value)
-    return None, None
+        if best[0] > 0:
+            return best[2], value
+    return None, first
 
 
 @lru_cache(maxsize=1 << 16)
@@ -70,6 +93,7 @@ def resolve(
     or a fused module whose shape does not split.
     """
     notes: list[str] = []
+    family = family or _FORCED.get()
     meta_family, meta_value = family_from_metadata(metadata)
     if not denoiser:
         chosen = family or meta_family

@@ -46,6 +46,7 @@ def _show(keys: list[str], n: int = 3) -> str:
 
 
 _CONV3_LEAVES = {"conv1", "conv2", "conv", "conv_in", "conv_out"}
+_UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out")
 _CONV1_LEAVES = {"conv_shortcut"}
 
 
@@ -92,7 +93,7 @@ def build_module(
     tensors = {k.removeprefix("hada_").removeprefix("lokr_"): v for k, v in parts.items()}
     try:
         if keys <= {"down", "up", "mid"} and {"down", "up"} <= keys:
-            mod = _lora(tensors, alpha, rslora)
+            mod = _lora(name, tensors, alpha, rslora)
         elif hada and len(hada) == len(keys) and _complete_loha(hada):
             mod = _loha(name, tensors, alpha, base_shapes)
         elif lokr and len(lokr) == len(keys) and _complete_lokr(lokr):
@@ -125,8 +126,14 @@ def _complete_lokr(parts: set[str]) -> bool:
     )
 
 
-def _lora(t: dict[str, Tensor], alpha: float | None, rslora: bool) -> ModuleWeights:
+def _lora(name: str, t: dict[str, Tensor], alpha: float | None, rslora: bool) -> ModuleWeights:
     down, up = t["down"], t["up"]
+    unet_conv = name.startswith(_UNET_ROOTS) and name.rsplit(".", 1)[-1] in _CONV3_LEAVES
+    if unet_conv and down.dim() == 2 and up.dim() == 2 and "mid" not in t and down.shape[1] % 9 == 0:
+        # ComfyUI's trainer stores a UNet 3×3 conv's LoRA Linear-shaped (down r × in·9) and reshapes it to the
+        # kernel when applying; kohya's LoCon stores the same kernel 4-D: one module shape for both.
+        t = {**t, "down": down.reshape(down.shape[0], down.shape[1] // 9, 3, 3), "up": up[:, :, None, None]}
+        down, up = t["down"], t["up"]
     rank = down.shape[0]
     if up.shape[1] != rank:
         raise ValueError(f"up {tuple(up.shape)} does not match down {tuple(down.shape)}")
@@ -267,7 +274,7 @@ def assemble(
     source = res.source + (
         f" (also fit: {', '.join(res.candidates)})" if res.candidates and "also" not in res.source else ""
     )
-    return Adapter(str(path), fmt, ordered, dict(metadata), res.family, source, res.notes)
+    return Adapter(str(path), fmt, ordered, dict(metadata), res.family, source, res.notes, res.candidates)
 
 
 def pattern_value(patterns: Mapping[str, object], module: str) -> object | None:

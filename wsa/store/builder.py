@@ -36,10 +36,11 @@ import wsa
 from wsa.adapter import Adapter
 from wsa.atomic import write_json
 from wsa.errors import CollectionError, ConfigError, StoreError, WsaError
+from wsa.families.resolve import forced_family
 from wsa.store.discover import Source, discover
 from wsa.store.layout import REPRESENTATIONS, Layout
 from wsa.store.representations import Mismatch, delta_norm, encode, layout_for
-from wsa.store.scan import Scanned, describe_groups, family_groups, max_ranks, scan
+from wsa.store.scan import Scanned, describe_groups, family_groups, max_ranks, scan, scan_one
 from wsa.store.store import FORMAT_VERSION, MANIFEST, Store
 from wsa.training_metadata import parse_training_metadata
 
@@ -136,7 +137,7 @@ def _choose_layout(
     else:
         sample = sources
     loaded: list[Adapter] = []
-    for src, result in _map_loads(sample, workers, progress and opts.modules != "exact", "scan"):
+    for src, result in _map_loads(sample, workers, progress and opts.modules != "exact", "scan", opts.family):
         if isinstance(result, Adapter):
             loaded.append(result)
         else:
@@ -168,11 +169,12 @@ def _choose_layout(
 
 
 def _map_loads(
-    sources: list[Source], workers: int, progress: bool, desc: str
+    sources: list[Source], workers: int, progress: bool, desc: str, family: str | None = None
 ) -> Iterator[tuple[Source, Adapter | str]]:
     def load(src: Source) -> Adapter | str:
         try:
-            return src.load()
+            with forced_family(family):
+                return src.load()
         except WsaError as exc:
             return str(exc).removeprefix(f"{src.path}: ")
 
@@ -294,15 +296,24 @@ def _select_family(
             "a store holds one family: pass --family NAME (or use `wsa analyze`, which fits one space per family)"
         )
     chosen = opts.family if opts.family is not None else next(iter(groups), None)
-    if opts.family is not None and opts.family not in groups:
+    forced = opts.family is not None
+    if forced and opts.family not in groups and not any(opts.family in s.candidates for s in scanned):
         raise CollectionError(
             f"no adapter of family {opts.family!r} here (found: {describe_groups(groups) or 'none readable'})"
         )
-    keep = [i for i, s in enumerate(scanned) if s.problem is not None or s.family == chosen]
-    left_out = [
-        [str(sources[i].path), f"family {s.family}, not {chosen}"]
+    # `--family` also takes files whose names fit it though the best guess was another family (read as it).
+    keep = [
+        i
         for i, s in enumerate(scanned)
-        if s.problem is None and s.family != chosen
+        if s.problem is not None or s.family == chosen or (forced and chosen in s.candidates)
+    ]
+    kept = set(keep)
+    for i in keep:
+        if forced and scanned[i].problem is None and scanned[i].family != chosen:
+            with forced_family(chosen):
+                scanned[i] = scan_one(sources[i])
+    left_out = [
+        [str(sources[i].path), f"family {s.family}, not {chosen}"] for i, s in enumerate(scanned) if i not in kept
     ]
     ranks = max_ranks(scanned[i] for i in keep) if opts.repr == "canonical" else None
     return [sources[i] for i in keep], left_out, ranks
@@ -476,7 +487,9 @@ def _reuse_old_rows(
     return left
 
 
-def _encode_source(src: Source, layout: Layout) -> tuple[dict, np.ndarray | None]:
+def _encode_source(
+    src: Source, layout: Layout, family: str | None = None, strict: bool = True
+) -> tuple[dict, np.ndarray | None]:
     """Read one adapter and encode it (a module-level function so Dask workers can run it).
 
     Files repeating a known PEFT header take the fast path (:mod:`wsa.store.fastpath`); the rest the
@@ -484,15 +497,30 @@ def _encode_source(src: Source, layout: Layout) -> tuple[dict, np.ndarray | None
     """
     from wsa.store.fastpath import encode_fast
 
-    got = encode_fast(src, layout, lambda s: _encode_source_general(s, layout))
-    return got if got is not None else _encode_source_general(src, layout)
+    got = encode_fast(src, layout, lambda s: _encode_source_general(s, layout, family, strict))
+    return got if got is not None else _encode_source_general(src, layout, family, strict)
 
 
-def _encode_source_general(src: Source, layout: Layout) -> tuple[dict, np.ndarray | None]:
-    """Read one adapter through its format's reader and encode it."""
+def _encode_source_general(
+    src: Source, layout: Layout, family: str | None = None, strict: bool = True
+) -> tuple[dict, np.ndarray | None]:
+    """Read one adapter through its format's reader (as ``family`` when given) and encode it.
+
+    ``strict`` (``--modules exact``): a module the layout lacks is a mismatch, never dropped silently.
+    """
     base = {"id": src.id, "source": str(src.path), "files": src.fingerprint(), "row": src.row}
     try:
-        adapter = src.load()
+        with forced_family(family):
+            adapter = src.load()
+        if strict:
+            extra = sorted(set(adapter.modules) - set(layout.names))
+            if extra:
+                more = f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""
+                raise Mismatch(
+                    f"module {extra[0]!r}{more} is not in the collection's layout: --modules exact keeps every "
+                    "module, so files with extra modules do not fit; use --modules intersect to drop them "
+                    "(or --modules union with --repr delta)"
+                )
         row = encode(adapter, layout)
     except Mismatch as exc:
         return {**base, "problem": str(exc)}, None
@@ -529,14 +557,20 @@ def _encode_rows(
 
         items = [sources[i] for i in todo]
         for i, (_, (entry, row)) in zip(
-            todo, executor.map_ordered(partial(_encode_source, layout=layout), items), strict=True
+            todo,
+            executor.map_ordered(
+                partial(_encode_source, layout=layout, family=opts.family, strict=opts.modules == "exact"), items
+            ),
+            strict=True,
         ):
             record(i, entry, row)
             bar.update(1)
         bar.close()
         return
     with one_torch_thread_per_worker(workers), ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, (entry, row) in _bounded(pool, lambda i: _encode_source(sources[i], layout), todo, workers * 4, bar):
+        strict = opts.modules == "exact"
+        encode_one = lambda i: _encode_source(sources[i], layout, opts.family, strict)  # noqa: E731
+        for i, (entry, row) in _bounded(pool, encode_one, todo, workers * 4, bar):
             record(i, entry, row)
     bar.close()
 

@@ -70,6 +70,9 @@ def discover(paths: Iterable[str | Path]) -> list[Source]:
             base = root if root.is_dir() and adapter_path != root else root.parent
             sid = _source_id(adapter_path, base)
             files = _peft_files(adapter_path) if adapter_path.is_dir() else (adapter_path,)
+            if sid in sources and sources[sid].path != adapter_path and adapter_path.is_file():
+                # `a.safetensors` beside `a.pt` (a conversion kept next to its original): the file name is the id
+                sid = (adapter_path.relative_to(base) if adapter_path != base else Path(adapter_path.name)).as_posix()
             if sid in sources and sources[sid].path != adapter_path:
                 raise CollectionError(f"{adapter_path}: id {sid!r} also used by {sources[sid].path}; rename one")
             sources[sid] = Source(sid, adapter_path, files)

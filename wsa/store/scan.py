@@ -32,6 +32,7 @@ class Scanned:
     family: str = UNKNOWN_FAMILY
     ranks: dict[str, int] = field(default_factory=dict)
     problem: str | None = None
+    candidates: tuple[str, ...] = ()  # other families the names also fit
 
 
 def _header_key(src: Source) -> bytes | None:
@@ -71,7 +72,8 @@ def scan_one(src: Source, cache: dict[bytes, Scanned] | None = None) -> Scanned:
     try:
         with header_only():
             adapter = src.load()
-        got = Scanned(adapter.family or UNKNOWN_FAMILY, {n: m.rank for n, m in adapter.modules.items()})
+        ranks = {n: m.rank for n, m in adapter.modules.items()}
+        got = Scanned(adapter.family or UNKNOWN_FAMILY, ranks, None, adapter.family_candidates)
     except WsaError as exc:
         got = Scanned(problem=str(exc).removeprefix(f"{src.path}: "))
     except (OSError, ValueError, RuntimeError) as exc:  # a file that changed under us: the real read says what
