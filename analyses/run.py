@@ -44,6 +44,7 @@ class AnalyzeConfig:
     family: str | None = None  # analyse only this model family's adapters
     families: str = "split"  # a folder of several families: "split" (one space each) or "refuse"
     skip_bad: bool = False  # leave out unreadable files (listed in the report) instead of failing
+    modules: str = "exact"  # exact | intersect | union (as `wsa ingest --modules`)
     analyzer_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
@@ -130,6 +131,7 @@ def resolve_store(
     client: Any = None,
     family: str | None = None,
     skip_bad: bool = False,
+    modules: str = "exact",
 ) -> Store:
     """A store given as input is used as is; adapter files/folders are ingested into ``cache``.
 
@@ -149,7 +151,16 @@ def resolve_store(
         from wsa.dask_engine import ChunkedExecutor
 
         executor = ChunkedExecutor(client)
-    return ingest(paths, cache, repr=repr, progress=progress, executor=executor, family=family, skip_bad=skip_bad)
+    return ingest(
+        paths,
+        cache,
+        repr=repr,
+        progress=progress,
+        executor=executor,
+        family=family,
+        skip_bad=skip_bad,
+        modules=modules,
+    )
 
 
 def family_groups(inputs: Sequence[str | Path], progress: bool) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
@@ -252,6 +263,7 @@ def run_analysis(
             client,
             family=config.family,
             skip_bad=config.skip_bad,
+            modules=config.modules,
         )
         timings["ingest"] = time.perf_counter() - t0
         if len(store) < 3:

@@ -57,6 +57,12 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     help="Leave out unreadable files (listed in the report) instead of failing.",
 )
 @click.option(
+    "--modules",
+    type=click.Choice(["exact", "intersect", "union"]),
+    help="Adapters with different module sets: exact (refuse), intersect (keep the shared ones), "
+    "union (missing = 0; --repr delta) [default: exact].",
+)
+@click.option(
     "--families",
     type=click.Choice(["split", "refuse"]),
     help="Inputs of several model families: one space and report each under OUT/<family>/ (split), "
@@ -110,6 +116,7 @@ def analyze(
     device,
     family,
     skip_bad,
+    modules,
     families,
     color_by,
     seed,
@@ -154,6 +161,7 @@ def analyze(
         "family": family,
         "families": families,
         "skip_bad": skip_bad,
+        "modules": modules,
         "analyzers": [a.strip() for a in analyzers.split(",") if a.strip()] if analyzers else None,
     }
     for key, value in overrides.items():
