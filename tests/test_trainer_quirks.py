@@ -238,3 +238,16 @@ def test_a_conversion_beside_its_original_gets_its_own_id(tmp_path):
     from wsa.store.discover import discover
 
     assert sorted(s.id for s in discover([tmp_path])) == ["a", "a.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("value", "family"),
+    [("wan-i2v-14b-2.2-high/lora", "wan22"), ("wan-t2v-480p-14b-2.1/lora", "wan21"), ("medium", None)],
+)
+def test_simpletuner_and_kohya_sd3_metadata_values(value, family):
+    """SimpleTuner writes ``<family>-<flavour>/lora``; kohya SD3 writes ``medium`` in ss_base_model_version."""
+    from wsa.families import family_from_metadata
+
+    assert family_from_metadata({"modelspec.architecture": value})[0] == family
+    header = {"ss_base_model_version": "medium", "modelspec.architecture": "stable-diffusion-3-medium/lora"}
+    assert family_from_metadata(header)[0] == "sd3"

@@ -146,6 +146,9 @@ class Family:
     rename: Callable[[str, str], str | None] | None = None
     #: A regex that, found in a canonical module name, proves this family among others whose names fit.
     evidence: str = ""
+    #: A regex on the normalised metadata value for names that carry the family inside (SimpleTuner's
+    #: ``wan-i2v-14b-2.2-high/lora``); a match counts as more specific than any name prefix.
+    metadata_regex: str = ""
     #: Shapes as a tie-breaker: ``{module as spelled: ΔW shape}`` -> True (this family's widths), False (not
     #: this family), None (cannot tell). For families whose names coincide and widths do not decide.
     fits: Callable[[Mapping[str, tuple[int, ...]]], bool | None] | None = None
@@ -214,6 +217,8 @@ class Family:
     def metadata_match(self, value: str) -> int:
         """Length of the longest of this family's metadata names that ``value`` starts with (0: none)."""
         v = normalise_arch(value)
+        if self.metadata_regex and re.search(self.metadata_regex, v):
+            return 1000
         return max((len(n) for n in self.metadata_names + self.variants if v == n or v.startswith(n)), default=0)
 
 

@@ -87,6 +87,7 @@ WAN21 = register(
         natives=BLOCKS + VACE + TOP,
         # ai-toolkit "wan_2.1"; CivitAI "Wan Video 14B t2v/i2v …", "Wan Video 1.3B t2v". Not musubi's bare "wan2.1".
         metadata_names=("wan-2.1", "wan2.1-", "wan21", "wan-video-14b", "wan-video-1.3b"),
+        metadata_regex=r"^wan-.*-2\.1(-|$)",  # SimpleTuner: wan-<flavour>/lora, e.g. wan-t2v-480p-14b-2.1
         hidden_sizes=(1536, 5120),
     )
 )
@@ -99,6 +100,7 @@ WAN22 = register(
         natives=BLOCKS + VACE + TOP,
         # ai-toolkit "wan_2.2_14b" / "wan_2.2_5b"; CivitAI "Wan Video 2.2 T2V-A14B / I2V-A14B / TI2V-5B".
         metadata_names=("wan-2.2", "wan2.2", "wan22", "wan-video-2.2"),
+        metadata_regex=r"^wan-.*-2\.2(-|$)",  # SimpleTuner: wan-i2v-14b-2.2-high/lora
         hidden_sizes=(3072, 5120),
     )
 )
