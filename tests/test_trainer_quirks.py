@@ -251,3 +251,13 @@ def test_simpletuner_and_kohya_sd3_metadata_values(value, family):
     assert family_from_metadata({"modelspec.architecture": value})[0] == family
     header = {"ss_base_model_version": "medium", "modelspec.architecture": "stable-diffusion-3-medium/lora"}
     assert family_from_metadata(header)[0] == "sd3"
+
+
+def test_block_indices_past_flux1s_rule_it_out(tmp_path):
+    """ComfyUI-trained HunyuanVideo on the blocks only (Flux-style names) has double_blocks.19, which FLUX.1 lacks."""
+    tensors = {}
+    for i, name in enumerate(("double_blocks.0.img_attn.qkv", "double_blocks.19.img_attn.qkv")):
+        down, up = _lora(3 * D, D, 2, 90 + i)
+        tensors |= {f"diffusion_model.{name}.lora_down.weight": down, f"diffusion_model.{name}.lora_up.weight": up}
+    save_file(tensors, str(tmp_path / "hv.safetensors"))
+    assert wsa.load_adapter(tmp_path / "hv.safetensors").family == "hunyuan_video"

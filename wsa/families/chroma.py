@@ -19,6 +19,7 @@ from wsa.families.base import Family, native
 from wsa.families.flux1 import DOUBLE as FLUX1_DOUBLE
 from wsa.families.flux1 import SINGLE as FLUX1_SINGLE
 from wsa.families.flux1 import TOP as FLUX1_TOP
+from wsa.families.flux1 import fits_block_range
 from wsa.families.registry import register
 
 _G = "distilled_guidance_layer"
@@ -48,6 +49,7 @@ CHROMA = register(
         # T5-XXL is ChromaPipeline's only text encoder: sd-scripts' lora_te3_, ComfyUI's t5xxl.
         text_encoders={"lora_te_": "text_encoder", "lora_te3_": "text_encoder"},
         hidden_sizes=(3072,),
+        fits=fits_block_range,
         evidence=rf"^{_G}\.",
     )
 )

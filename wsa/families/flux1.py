@@ -10,6 +10,9 @@ XLabs' processor names (``processor.qkv_lora1``) are diffusers' ``_convert_xlabs
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
+
 from wsa.families.base import Family, equal, heads_then_rest, native, swap_halves
 from wsa.families.registry import register
 
@@ -139,6 +142,34 @@ TEXT_ENCODERS = {
     "lora_te3_": "text_encoder_2",
 }
 
+_BLOCK_INDEX = re.compile(
+    r"^(double|single)(?:_transformer)?[._]blocks[._](\d+)|^(single_)?transformer_blocks[._](\d+)"
+)
+
+
+def block_range(n_double: int, n_single: int) -> Callable[[Mapping[str, tuple[int, ...]]], bool | None]:
+    """A ``Family.fits`` that is False when a block index is past the model's double / single block counts.
+
+    FLUX.1 and Chroma have 19 / 38 blocks, FLUX.2 at most 8 / 48, HunyuanVideo (same names in ComfyUI) 20 / 40.
+    """
+
+    def fits(shapes: Mapping[str, tuple[int, ...]]) -> bool | None:
+        for name in shapes:
+            m = _BLOCK_INDEX.match(name)
+            if m is None:
+                continue
+            single = (m[1] == "single") if m[1] else bool(m[3])
+            index = int(m[2] if m[1] else m[4])
+            if index >= (n_single if single else n_double):
+                return False
+        return None
+
+    return fits
+
+
+fits_block_range = block_range(19, 38)
+
+
 FLUX1 = register(
     Family(
         name="flux1",
@@ -148,5 +179,6 @@ FLUX1 = register(
         metadata_names=("flux-1", "flux.1", "flux1", "flux-dev", "flux-schnell", "flux-kontext", "flux-krea"),
         text_encoders=TEXT_ENCODERS,
         hidden_sizes=(3072,),
+        fits=fits_block_range,
     )
 )

@@ -25,6 +25,7 @@ from wsa.families.base import Family, Native, equal, native, swap_halves
 from wsa.families.flux1 import DOUBLE as FLUX1_DOUBLE
 from wsa.families.flux1 import SINGLE as FLUX1_SINGLE
 from wsa.families.flux1 import TOP as FLUX1_TOP
+from wsa.families.flux1 import block_range
 from wsa.families.registry import register
 
 _D = "transformer_blocks.{i}"
@@ -110,6 +111,13 @@ def fits_shapes(shapes: Mapping[str, tuple[int, ...]]) -> bool | None:
     return verdict
 
 
+_in_range = block_range(8, 48)  # dev: 8 double / 48 single blocks (klein has fewer)
+
+
+def _fits(shapes: Mapping[str, tuple[int, ...]]) -> bool | None:
+    return False if _in_range(shapes) is False else fits_shapes(shapes)
+
+
 FLUX2 = register(
     Family(
         name="flux2",
@@ -121,7 +129,7 @@ FLUX2 = register(
         # Mistral-3 (dev) or Qwen3 (klein): the pipeline's one text encoder.
         text_encoders={"lora_te_": "text_encoder", "lora_te1_": "text_encoder"},
         hidden_sizes=HIDDEN_SIZES,
-        fits=fits_shapes,
+        fits=_fits,
         evidence=r"\.ff(_context)?\.linear_(in|out)$|\.attn\.to_qkv_mlp_proj$|^single_transformer_blocks\.\d+\.attn\.to_out$"
         r"|_stream_modulation",
     )

@@ -142,7 +142,8 @@ HUNYUAN_VIDEO = register(
         title="HunyuanVideo",
         denoiser="transformer",
         natives=DOUBLE + SINGLE + REFINER + TOP + COMFY,
-        metadata_names=("hunyuan-video", "hunyuanvideo", "hyvideo"),
+        # musubi's FramePack (HunyuanVideo packed) writes "framepack" and keeps HunyuanVideo's module names
+        metadata_names=("hunyuan-video", "hunyuanvideo", "hyvideo", "framepack"),
         hidden_sizes=(3072,),
         # Modules FLUX.1 has no counterpart for: the token refiner, the 3-D patch embedder, the text embedder.
         evidence=r"^(context_embedder\.(token_refiner|proj_in|time_text_embed)|x_embedder\.proj$)",
