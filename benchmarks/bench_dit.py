@@ -159,6 +159,22 @@ def main() -> None:
     print(block)
 
 
+#: What the numbers above mean (measured on the 2-core machine; see docs/benchmarks.md).
+WHERE_THE_TIME_GOES = (
+    "Where the time goes. Ingest is CPU-bound, not disk-bound: each 150 MB file costs ~2 s of CPU on "
+    "these cores (bf16 → float64 conversion of 86 M numbers, the gauge-fixing CholeskyQR and small SVDs "
+    "of 494 modules, the ΔW norm, sha256), so two reader threads reach 75 MB/s where the disk gives 874 "
+    "MB/s — the \"at the disk's rate\" target is not met for DiT-sized files (it is for w2w's 0.4 MB "
+    "files). The ΔW Gram itself needs no gauge fixing (⟨ΔW_i, ΔW_j⟩ is the same for any factors), so "
+    "storing the factors padded but not canonicalised would make this ingest a copy; that is a storage "
+    "choice left to the storage/geometry split of issue 13. The analysis is the exact ΔW Gram: "
+    "N²·r²·Σ(out+in) = 1.1·10¹⁴ multiply-adds for these 200 files, two GEMMs per module per run of "
+    "columns (~110 GFLOP/s on the 2 cores); one read of the store, memory bounded by the column runs (6.5"
+    " GiB peak, a quarter of RAM). The held-out test reuses the fit's Gram (2 s). On a GPU the same Gram "
+    "is two batched GEMMs per module."
+)
+
+
 def _save(path: Path, record: dict) -> None:
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
@@ -192,6 +208,8 @@ def _block(r: dict, args: argparse.Namespace, json_name: str, n_modules: int) ->
             "",
             f"Inside analyze (seconds): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}.",
             f"PCA: {r['pca_summary']}",
+            "",
+            WHERE_THE_TIME_GOES,
             "",
         ]
     )
