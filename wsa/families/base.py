@@ -144,8 +144,11 @@ class Family:
     variants: tuple[str, ...] = ()
     #: For families whose names need arithmetic (SD's LDM block numbers): (path, separator) -> diffusers path or None.
     rename: Callable[[str, str], str | None] | None = None
-    #: A regex that, found in a canonical module name, proves this family among others whose names fit.
+    #: A regex that, found in one of this family's canonical names of the file, proves it among others that fit.
     evidence: str = ""
+    #: The same, on the file's names as spelled (``.``-joined): for families whose *diffusers* spelling is their
+    #: own while their native names map onto the same canonical names as another's (Lumina 2 vs Z-Image).
+    spelled_evidence: str = ""
     #: A regex on the normalised metadata value for names that carry the family inside (SimpleTuner's
     #: ``wan-i2v-14b-2.2-high/lora``); a match counts as more specific than any name prefix.
     metadata_regex: str = ""

@@ -66,6 +66,7 @@ LUMINA2 = register(
         metadata_names=("lumina-2", "lumina2", "lumina-image-2", "neta-lumina", "netayume"),
         text_encoders={"lora_te_": "text_encoder"},
         hidden_sizes=(2304,),
-        evidence=r"\.attn\.to_[qkv]$|\.feed_forward\.linear_[123]$|^time_caption_embed\.",
+        # diffusers' spelling of Lumina 2 (Z-Image's diffusers names say `attention.`, its native ones coincide)
+        spelled_evidence=r"\.attn\.to_[qkv]$|\.feed_forward\.linear_[123]$|^time_caption_embed\.",
     )
 )

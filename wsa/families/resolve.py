@@ -204,6 +204,8 @@ def _tie_break(candidates: tuple[str, ...], denoiser: Mapping[tuple[str, bool], 
 
     def proves(c: str) -> bool:  # evidence is about a family's own canonical names (LTX renames adaln_single)
         fam = FAMILIES.get(c)
+        if fam.spelled_evidence and any(re.search(fam.spelled_evidence, p) for p, u in denoiser if not u):
+            return True
         names = (n for p, u in denoiser for n in fam.target_names(p, u))
         return bool(fam.evidence) and any(re.search(fam.evidence, n) for n in names)
 
