@@ -50,7 +50,9 @@ def write_family_index(
             body = f'<p class="err">No report: {_e(e.get("error", "not analysed"))}</p>'
         sections.append(
             f'<section id="family-{_e(e["family"])}"><h2>{_e(e["family"])}</h2>'
-            f'<p class="muted">{_e(e["adapters"])} adapter(s), e.g. {_e(e["example"])}</p>{body}</section>'
+            f'<p class="muted">{_e(e["adapters"])} file(s) of this family, e.g. {_e(e["example"])}; its space holds '
+            "those that share one module layout (its report's first section lists the others, with why)</p>"
+            f"{body}</section>"
         )
     if problems:
         lines = "".join(f"<tr><td>{_e(p)}</td><td>{_e(r)}</td></tr>" for p, r in problems)
