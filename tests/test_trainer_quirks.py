@@ -261,3 +261,21 @@ def test_block_indices_past_flux1s_rule_it_out(tmp_path):
         tensors |= {f"diffusion_model.{name}.lora_down.weight": down, f"diffusion_model.{name}.lora_up.weight": up}
     save_file(tensors, str(tmp_path / "hv.safetensors"))
     assert wsa.load_adapter(tmp_path / "hv.safetensors").family == "hunyuan_video"
+
+
+def test_embedded_world_zoos_are_their_own_family(tmp_path):
+    """`wsa world zoo` adapters carry SD's module names; their config's ``builtin:faces`` names the family."""
+    import json
+
+    folder = tmp_path / "id_0"
+    folder.mkdir()
+    down, up = _lora(D, D, 1, 99)
+    key = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "base_model_name_or_path": "builtin:faces"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    assert wsa.load_adapter(folder).family == "world"
+    del config["base_model_name_or_path"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    adapter = wsa.load_adapter(folder)
+    assert adapter.family == "sd15" and "world" not in adapter.family_source

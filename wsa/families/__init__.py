@@ -26,6 +26,7 @@ from wsa.families import (
     sd,
     sd3,
     wan,
+    world,
     z_image,
 )
 from wsa.families.base import Family

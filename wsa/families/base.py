@@ -152,6 +152,8 @@ class Family:
     #: A regex on the normalised metadata value for names that carry the family inside (SimpleTuner's
     #: ``wan-i2v-14b-2.2-high/lora``); a match counts as more specific than any name prefix.
     metadata_regex: str = ""
+    #: Chosen only when the metadata names it, never from keys alone (the embedded world's SD-named UNets).
+    metadata_only: bool = False
     #: Shapes as a tie-breaker: ``{module as spelled: ΔW shape}`` -> True (this family's widths), False (not
     #: this family), None (cannot tell). For families whose names coincide and widths do not decide.
     fits: Callable[[Mapping[str, tuple[int, ...]]], bool | None] | None = None

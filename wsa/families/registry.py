@@ -33,6 +33,7 @@ PRIORITY = (
     "sana",
     "cogvideox",
     "mochi",
+    "world",
 )
 _registered: list[str] = []
 

@@ -57,6 +57,9 @@ class Resolved:
 
 def family_from_metadata(metadata: Mapping[str, str]) -> tuple[str | None, str | None]:
     """``(family, metadata value)`` the header names; ``(None, value or None)`` if it names none we know."""
+    base = metadata.get("base_model_name_or_path")
+    if isinstance(base, str) and base.startswith("builtin:"):  # `wsa world zoo` adapters (PEFT config field)
+        return "world", base
     first: str | None = None
     for key in METADATA_FIELDS:  # the first field that names a family (kohya SD3 writes "medium" in the first)
         value = metadata.get(key)
@@ -108,7 +111,9 @@ def resolve(
     else:
         sets = [_knowing(p, u) for p, u in denoiser]
         common = frozenset.intersection(*sets)
-        candidates = tuple(n for n in _order() if n in common)
+        candidates = tuple(
+            n for n in _order() if n in common and (not FAMILIES.get(n).metadata_only or n == meta_family)
+        )
         if not candidates:
             if _best_coverage(sets) * 2 < len(sets):
                 return _unknown_family(denoiser, meta_family)
