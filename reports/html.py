@@ -118,18 +118,26 @@ def _csv_names(results: Sequence[Result]) -> dict[tuple[int, int], str]:
     return names
 
 
+#: A text cell starting with one of these opens as a formula in spreadsheet programs (CSV injection).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _csv_cell(value: Any) -> str:
+    """Numbers as numbers; text from inputs (file names, metadata, label names) never as a formula."""
     if value is None:
         return ""
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else ""
-    return str(value)
+    if isinstance(value, (int, bool)):
+        return str(value)
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def _csv_bytes(table: Table) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(table.columns)
+    writer.writerow([_csv_cell(c) for c in table.columns])
     for row in table.rows:
         writer.writerow([_csv_cell(_clean(v)) for v in row])
     return buf.getvalue().encode("utf-8")

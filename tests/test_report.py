@@ -337,3 +337,15 @@ document.body.setAttribute('data-label-last',t.tBodies[0].rows[t.tBodies[0].rows
     assert desc == sorted(shown, reverse=True)
     assert asc != shown  # the unsorted order differs, so this could fail
     assert re.search(r'data-label-last="\u2014"', dom)  # empty cells sort last
+
+
+def test_csv_cells_from_inputs_never_open_as_formulas():
+    """File names, metadata values and label names reach the CSVs: a leading = + - @ must not make a formula."""
+    from wsa.analyses.base import Table
+    from wsa.reports.html import _csv_bytes
+
+    table = Table(
+        "t", "caption", ("=HYPERLINK()", "value"), (("=cmd|' /C calc'!A0", -1.5), ("@SUM(A1)", 3), ("+1", "ok"))
+    )
+    text = _csv_bytes(table).decode()
+    assert text.splitlines() == ["'=HYPERLINK(),value", "'=cmd|' /C calc'!A0,-1.5", "'@SUM(A1),3", "'+1,ok"]
