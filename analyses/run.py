@@ -163,15 +163,16 @@ def resolve_store(
     )
 
 
-def family_groups(inputs: Sequence[str | Path], progress: bool) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+def families_of_inputs(
+    inputs: Sequence[str | Path], progress: bool
+) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
     """``({family: [paths]}, [(path, problem)])`` of adapter inputs, from their headers (no tensors read)."""
     from wsa.store.discover import discover
-    from wsa.store.scan import family_groups as groups_of
-    from wsa.store.scan import scan
+    from wsa.store.scan import family_groups, scan
 
     sources = discover(inputs)
     scanned = scan(sources, progress=progress)
-    groups = {fam: [str(sources[i].path) for i in ix] for fam, ix in groups_of(sources, scanned).items()}
+    groups = {fam: [str(sources[i].path) for i in ix] for fam, ix in family_groups(scanned).items()}
     problems = [(str(src.path), s.problem) for src, s in zip(sources, scanned, strict=True) if s.problem]
     return groups, problems  # type: ignore[return-value]
 
@@ -243,7 +244,7 @@ def run_analysis(
     if config.scheduler and config.engine != "dask":
         raise ConfigError("a scheduler address needs engine 'dask'")
     if config.family is None and _input_store(inputs) is None:
-        groups, problems = family_groups(inputs, progress)
+        groups, problems = families_of_inputs(inputs, progress)
         if len(groups) > 1:
             if config.families == "refuse":
                 listing = "; ".join(f"{fam}: {len(p)} file(s), e.g. {p[0]}" for fam, p in groups.items())

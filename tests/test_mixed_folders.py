@@ -86,8 +86,6 @@ def folder(tmp_path):
 
 def test_info_lists_family_format_ranks_metadata_and_duplicates(folder):
     # A re-upload: the same tensors, another header.
-    src = wsa.load_adapter(folder / "flux" / "a_kohya_r4.safetensors")
-    del src
     from safetensors import safe_open
 
     with safe_open(str(folder / "flux" / "a_kohya_r4.safetensors"), "pt") as f:

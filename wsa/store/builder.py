@@ -289,7 +289,7 @@ def _select_family(
     if all(s.loader is not None for s in sources):
         return sources, [], None  # a dataset: one matrix, one layout
     scanned = _scan_reusing(old, sources, opts, workers, progress)
-    groups = family_groups(sources, scanned)
+    groups = family_groups(scanned)
     if opts.family is None and len(groups) > 1:
         raise CollectionError(
             f"the adapters belong to {len(groups)} model families: {describe_groups(groups)}; "

@@ -14,7 +14,6 @@ import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -83,21 +82,47 @@ def scan_one(src: Source, cache: dict[bytes, Scanned] | None = None) -> Scanned:
     return got
 
 
+#: Scans already done in this process, by (path, size+mtime of its files). `wsa analyze` on a folder of several
+#: families scans it to find the groups, then once per family inside ingest: the same files, the same answers.
+_SEEN: dict[tuple[str, str], Scanned] = {}
+_SEEN_MAX = 200_000
+
+
 def scan(sources: Iterable[Source], workers: int = 2, progress: bool = True) -> list[Scanned]:
-    """:func:`scan_one` for every source, in order (threads; a repeated header is resolved once)."""
+    """:func:`scan_one` for every source, in order (threads; a repeated header is resolved once, an unchanged
+    file already scanned in this process is not read again)."""
     items = list(sources)
     cache: dict[bytes, Scanned] = {}
+    cacheable = not _forced()
+
+    def one(src: Source) -> Scanned:
+        key = (str(src.path), repr(src.fingerprint())) if cacheable and src.loader is None else None
+        if key is not None and key in _SEEN:
+            return _SEEN[key]
+        got = scan_one(src, cache)
+        if key is not None:
+            if len(_SEEN) > _SEEN_MAX:
+                _SEEN.clear()
+            _SEEN[key] = got
+        return got
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         bar = tqdm(total=len(items), desc="scan", unit="adapter", disable=None if progress else True, file=sys.stderr)
         out = []
-        for got in pool.map(lambda s: scan_one(s, cache), items, chunksize=64):
+        for got in pool.map(one, items, chunksize=64):
             out.append(got)
             bar.update(1)
         bar.close()
     return out
 
 
-def family_groups(sources: list[Source], scanned: list[Scanned]) -> dict[str, list[int]]:
+def _forced() -> bool:
+    from wsa.families.resolve import _FORCED
+
+    return _FORCED.get() is not None
+
+
+def family_groups(scanned: list[Scanned]) -> dict[str, list[int]]:
     """``{family: [source indices]}`` over the readable sources, families in order of size."""
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(scanned):
@@ -119,4 +144,4 @@ def max_ranks(scanned: Iterable[Scanned]) -> dict[str, int]:
     return out
 
 
-__all__ = ["UNKNOWN_FAMILY", "Path", "Scanned", "describe_groups", "family_groups", "max_ranks", "scan", "scan_one"]
+__all__ = ["UNKNOWN_FAMILY", "Scanned", "describe_groups", "family_groups", "max_ranks", "scan", "scan_one"]
