@@ -1,7 +1,10 @@
 """The ``wsa`` command: a thin layer over the Python API.
 
 A :class:`~wsa.errors.WsaError` prints one line on stderr and exits 1 (a traceback only with
-``--debug``); usage errors exit 2 (click). Heavy imports happen inside the commands.
+``--debug``); usage errors exit 2 (click). An ``OSError`` (a path that is unwritable, vanished, full)
+is one line naming the path. Anything else is a bug in wsa: one line saying so, the traceback with
+``--debug``. Every message is printed through :func:`~wsa.text.terminal_safe` (file names and header
+text are the input's, and may hold newlines or escape sequences). Heavy imports happen inside the commands.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sys
 import click
 
 from wsa.errors import CollectionError, WsaError
+from wsa.text import terminal_safe
 
 
 class WsaGroup(click.Group):
@@ -19,14 +23,43 @@ class WsaGroup(click.Group):
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except WsaError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if _debug(ctx):
                 raise
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {terminal_safe(exc, ERROR_LIMIT)}", err=True)
             if isinstance(exc, CollectionError) and len(exc.problems) > 5:
                 for path, reason in exc.problems:
-                    click.echo(f"  {path}: {reason}", err=True)
+                    click.echo(f"  {terminal_safe(path)}: {terminal_safe(reason)}", err=True)
             sys.exit(1)
+        except OSError as exc:
+            if _debug(ctx):
+                raise
+            where = exc.filename if exc.filename is not None else "wsa"
+            what = exc.strerror or str(exc) or type(exc).__name__
+            click.echo(f"error: {terminal_safe(where)}: {terminal_safe(what)}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted (an ingest resumes where it stopped when run again)", err=True)
+            sys.exit(130)
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            click.echo(
+                f"error: internal error ({type(exc).__name__}: {terminal_safe(exc, 300)}); this is a bug in wsa: "
+                "run again with `wsa --debug ...` for the traceback and report it",
+                err=True,
+            )
+            sys.exit(1)
+
+
+#: Longest error message printed (a message names a file and the problem; past this it is cut).
+ERROR_LIMIT = 2000
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("debug"))
 
 
 def command_line(ctx: click.Context) -> list[str]:

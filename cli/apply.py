@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from wsa.cli import command_line, main
+from wsa.text import terminal_safe
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -165,7 +166,7 @@ class Job:
         if self.ws.notes:
             self.record["notes"] = list(self.ws.notes)
             for note in self.ws.notes:
-                click.echo(f"note: {note}", err=True)
+                click.echo(f"note: {terminal_safe(note, 2000)}", err=True)
         path = write_json(self.out / f"wsa_{self.command}.json", _jsonable(self.record))
         click.echo(str(path))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from wsa.cli import main
+from wsa.text import terminal_safe
 
 
 @main.command()
@@ -135,6 +136,6 @@ def ingest(
         f"{store.path}: {len(store)} adapters × {store.n_features} features ({store.repr}, {store.manifest['dtype']})"
     )
     for p in skipped:
-        click.echo(f"skipped {p['source']}: {p['reason']}", err=True)
+        click.echo(f"skipped {terminal_safe(p['source'])}: {terminal_safe(p['reason'], 2000)}", err=True)
     for p in store.manifest.get("left_out", []):
-        click.echo(f"left out {p['source']}: {p['reason']}", err=True)
+        click.echo(f"left out {terminal_safe(p['source'])}: {terminal_safe(p['reason'], 2000)}", err=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsa.adapter import Adapter
-from wsa.errors import FormatError
+from wsa.errors import FormatError, WsaError
 from wsa.formats import diffusers, kohya, lycoris, native, peft  # registration side effects
-from wsa.formats._tensorfile import TENSOR_SUFFIXES, TensorFile
+from wsa.formats._tensorfile import TENSOR_SUFFIXES, TensorFile, _one_line, regular_file
 from wsa.formats.base import FORMATS, BaseShapes, FormatSpec
 
 
@@ -19,6 +19,7 @@ def detect(path: str | Path) -> tuple[FormatSpec, TensorFile | None]:
     """The one format whose sniffer accepts ``path``; zero or several matches are errors."""
     path = Path(path)
     if not path.exists():
+        regular_file(path)  # says why: missing, broken symlink, symlink loop, unreadable
         raise FormatError("no such file or folder", path)
     if path.is_dir():
         file = None
@@ -49,6 +50,25 @@ def load_adapter(path: str | Path, *, base_shapes: BaseShapes | None = None) -> 
         LoHa/LoKr conv deltas their exact kernel shape when it is not the SD convention.
     """
     path = Path(path)
+    try:
+        return _load(path, base_shapes)
+    except FormatError:
+        raise
+    except WsaError as exc:  # e.g. a ConfigError from a family table: still this file's problem
+        raise FormatError(_one_line(exc), None if exc.path else path) from None
+    except OSError as exc:  # unreadable, deleted mid-run, a folder that vanished
+        where = exc.filename or path
+        raise FormatError(f"cannot read ({exc.strerror or _one_line(exc)})", where) from None
+    except RecursionError:
+        raise FormatError("nested too deeply to read", path) from None
+    except Exception as exc:  # the boundary: whatever a hostile file triggers is this file's error, not a traceback
+        raise FormatError(
+            f"cannot be read ({type(exc).__name__}: {_one_line(exc)}); if the file is valid, please report this",
+            path,
+        ) from exc
+
+
+def _load(path: Path, base_shapes: BaseShapes | None) -> Adapter:
     if path.is_dir() and not (path / peft.CONFIG).is_file():
         # A folder from diffusers' save_lora_weights holds one pytorch_lora_weights file.
         for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin"):

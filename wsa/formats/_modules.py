@@ -4,11 +4,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
 
 from torch import Tensor
+
+try:  # the regex parser behind ``re`` (Python 3.11+ names; sre_parse before)
+    from re import _constants as _sre_constants  # type: ignore[attr-defined]
+    from re import _parser as _sre_parser  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover
+    import sre_constants as _sre_constants  # type: ignore[no-redef]
+    import sre_parse as _sre_parser  # type: ignore[no-redef]
 
 from wsa.adapter import Adapter, ModuleWeights, lora_scale
 from wsa.errors import FormatError
@@ -87,6 +95,7 @@ def build_module(
     ``w1_a, w1_b, w2_a, w2_b`` (a LoKr with ``decompose_both`` has exactly LoHa's part set); the
     prefix is what tells them apart, and is dropped in the returned :class:`ModuleWeights`.
     """
+    _check_parts(name, parts, alpha, path)
     keys = set(parts) - {"bias", "magnitude"}
     hada = {k.removeprefix("hada_") for k in keys if k.startswith("hada_")}
     lokr = {k.removeprefix("lokr_") for k in keys if k.startswith("lokr_")}
@@ -110,6 +119,29 @@ def build_module(
         mod = ModuleWeights(mod.kind, tensors, mod.shape, mod.rank, mod.alpha, mod.scale, axis)  # type: ignore[arg-type]
     _check_product(name, mod, path)
     return mod
+
+
+#: Dimensions each factor may have: 2 (Linear), 4 (Conv2d), 5 (Conv3d, e.g. Wan's patch embedding), 1 (biases, DoRA).
+_FACTOR_DIMS = {"bias": (1,), "magnitude": (1, 2, 4, 5)}
+
+
+def _check_parts(name: str, parts: Mapping[str, Tensor], alpha: float | None, path: object) -> None:
+    """Refuse what no trainer writes and no loader applies: integer or bool factors, 0-D/1-D/3-D factor
+    matrices, rank 0, a non-finite alpha. Why here: every reader builds its modules through this function."""
+    if alpha is not None and not math.isfinite(alpha):
+        raise FormatError(f"module {name!r}: alpha {alpha} is not finite", path)
+    for part, t in parts.items():
+        if not t.is_floating_point():
+            raise FormatError(
+                f"module {name!r}: {part} tensor is {str(t.dtype).removeprefix('torch.')}, not float", path
+            )
+        dims = _FACTOR_DIMS.get(part, (2, 4, 5))
+        if part != "diff" and t.dim() not in dims:
+            raise FormatError(f"module {name!r}: {part} tensor has shape {tuple(t.shape)} ({t.dim()}-D)", path)
+        if part in {"down", "up", "w1_a", "w1_b", "w2_a", "w2_b"} and 0 in t.shape:
+            raise FormatError(f"module {name!r}: {part} tensor has shape {tuple(t.shape)} (rank 0 or empty)", path)
+        if part == "diff" and (t.dim() == 0 or t.numel() == 0):
+            raise FormatError(f"module {name!r}: diff tensor has shape {tuple(t.shape)}", path)
 
 
 def _complete_loha(parts: set[str]) -> bool:
@@ -277,12 +309,154 @@ def assemble(
     return Adapter(str(path), fmt, ordered, dict(metadata), res.family, source, res.notes, res.candidates)
 
 
-def pattern_value(patterns: Mapping[str, object], module: str) -> object | None:
-    """PEFT ``rank_pattern``/``alpha_pattern`` lookup: a key matches as the suffix regex ``(.*\\.)?key$``."""
+def checked_lora_config(config: Mapping[str, object], path: object) -> dict:
+    """A PEFT ``LoraConfig``/``LoKrConfig`` dict (``adapter_config.json``, diffusers' ``lora_adapter_metadata``)
+    with the fields that set the scale checked and typed: ``r``, ``lora_alpha``/``alpha`` (peft's default 8
+    where absent), ``rank_pattern``/``alpha_pattern`` (keys checked by :func:`check_pattern`), ``use_rslora``.
+
+    Why: the scale comes from these, so they are input like the weights; a NaN, a string or a hostile regex
+    is one :class:`FormatError` naming the field, never a NaN row or a traceback.
+    """
+    out = dict(config)
+    out["r"] = _rank(config.get("r", 8), "r", path)
+    for key in ("lora_alpha", "alpha"):
+        out[key] = _alpha(config.get(key, 8), key, path)
+    for key, check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        patterns = config.get(key) or {}
+        if not isinstance(patterns, dict):
+            raise FormatError(f"{key} must be an object of module pattern -> value", path)
+        out[key] = {str(k): check(v, f"{key}[{str(k)[:60]!r}]", path) for k, v in patterns.items()}
+        for pattern in out[key]:
+            check_pattern(pattern, path, key)
+    rslora = config.get("use_rslora", False)
+    if rslora is not None and not isinstance(rslora, bool):
+        raise FormatError(f"use_rslora must be true or false, not {str(rslora)[:40]!r}", path)
+    out["use_rslora"] = bool(rslora)
+    return out
+
+
+def _rank(value: object, field: str, path: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
+        raise FormatError(f"{field} must be a positive integer rank, not {str(value)[:40]!r}", path)
+    return value
+
+
+def _alpha(value: object, field: str, path: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormatError(f"{field} must be a finite number, not {str(value)[:40]!r}", path)
+    return float(value)
+
+
+def pattern_value(patterns: Mapping[str, object], module: str, path: object, field: str) -> object | None:
+    r"""PEFT ``rank_pattern``/``alpha_pattern`` lookup, with peft's rule, in bounded time.
+
+    peft matches ``re.match(rf"(.*\.)?({key})$", module)``: the key must match the whole name or a dotted
+    suffix of it. Both the keys and the names come from the same (possibly hostile) file, so the key is
+    checked by :func:`check_pattern` (no nested or alternating repetition, which backtracks exponentially)
+    and matched with ``fullmatch`` against each dotted suffix: the same answer without the backtracking
+    prefix ``(.*\.)?``.
+    """
+    if patterns and len(module) > MAX_MATCHED_NAME:
+        raise FormatError(f"module name {module[:60]!r}... is too long to match against {field}", path)
+    starts = [0] + [i + 1 for i, c in enumerate(module) if c == "."]
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        compiled = check_pattern(key, path, field)
+        if any(compiled.fullmatch(module, start) for start in starts if "\n" not in module[:start]):
             return value
     return None
+
+
+#: The longest ``rank_pattern``/``alpha_pattern`` key accepted (real ones are module names, < 200 characters).
+MAX_PATTERN = 1000
+#: The longest module name matched against patterns (real ones are < 200): with at most
+#: :data:`MAX_REPEATS` repetitions, one lookup then stays well under a second.
+MAX_MATCHED_NAME = 512
+#: Repetitions (``*``, ``+``, ``{m,n}``) allowed in one key: each one multiplies the backtracking by the name's length.
+MAX_REPEATS = 2
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(key: str) -> re.Pattern[str] | str:
+    """The compiled key, or why it is refused (cached: every module of every file asks again)."""
+    if len(key) > MAX_PATTERN:
+        return f"is longer than {MAX_PATTERN} characters"
+    try:
+        compiled = re.compile(key)
+        tree = _sre_parser.parse(key)
+    except (re.error, RecursionError, OverflowError) as exc:
+        return f"is not a valid regular expression ({exc})"
+    risk = _risky(list(tree), False)
+    repeats = sum(
+        1
+        for op, av in _flatten(list(tree))
+        if op in (_sre_constants.MAX_REPEAT, _sre_constants.MIN_REPEAT) and av[1] > 1
+    )
+    if not risk and repeats > MAX_REPEATS:
+        risk = f"more than {MAX_REPEATS} repetitions"
+    if risk:
+        return f"is a regular expression wsa will not run ({risk} can take exponential time); list module names"
+    return compiled
+
+
+def check_pattern(key: str, path: object, field: str) -> re.Pattern[str]:
+    """``key`` compiled, or a :class:`FormatError` naming the field and the key."""
+    got = _compiled(key)
+    if isinstance(got, str):
+        raise FormatError(f"{field} key {key[:80]!r} {got}", path)
+    return got
+
+
+def _risky(items: list, repeated: bool) -> str | None:
+    """The first construct in a parsed regex that backtracks super-linearly, or None.
+
+    Refused: a repetition inside a repetition (``(a+)+``), alternation inside a repetition (``(a|aa)*``),
+    backreferences. Everything else (literals, classes, one level of ``*``/``+``/``{m,n}``) runs in time
+    polynomial in the name's length; :func:`_compiled` caps the degree (the number of repetitions) and
+    :func:`pattern_value` the length.
+    """
+    c = _sre_constants
+    for op, av in items:
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            _lo, hi, body = av
+            many = hi > 1
+            if many and repeated:
+                return "a repetition inside a repetition"
+            if many and any(o == c.BRANCH for o, _ in _flatten(list(body))):
+                return "alternation inside a repetition"
+            found = _risky(list(body), repeated or many)
+        elif op == c.SUBPATTERN:
+            found = _risky(list(av[-1]), repeated)
+        elif op == c.BRANCH:
+            found = next((r for b in av[1] if (r := _risky(list(b), repeated))), None)
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            found = _risky(list(av[1]), repeated)
+        elif op == getattr(c, "ATOMIC_GROUP", None):
+            found = _risky(list(av), repeated)
+        elif op in (c.GROUPREF, c.GROUPREF_EXISTS):
+            found = "a backreference"
+        else:
+            found = None
+        if found:
+            return found
+    return None
+
+
+def _flatten(items: list) -> list:
+    """Every (op, arg) of a parsed regex, nested groups included."""
+    c = _sre_constants
+    out = []
+    for op, av in items:
+        out.append((op, av))
+        if op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", None)):
+            out += _flatten(list(av[2]))
+        elif op == c.SUBPATTERN:
+            out += _flatten(list(av[-1]))
+        elif op == c.BRANCH:
+            for b in av[1]:
+                out += _flatten(list(b))
+        elif op in (c.ASSERT, c.ASSERT_NOT):
+            out += _flatten(list(av[1]))
+    return out
 
 
 RenameFn = Callable[[str], str]

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import json
 import math
+import os
+import stat
 import struct
 from collections.abc import Iterator
 from functools import cached_property
@@ -33,11 +36,10 @@ class TensorFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FormatError("no such file", self.path)
+        st = regular_file(self.path)
         if self.path.suffix not in TENSOR_SUFFIXES:
             raise FormatError(f"not a tensor file (expected one of {', '.join(TENSOR_SUFFIXES)})", self.path)
-        if self.path.stat().st_size == 0:
+        if st.st_size == 0:
             raise FormatError("file is empty", self.path)
 
     @property
@@ -47,34 +49,34 @@ class TensorFile:
     @cached_property
     def _header(self) -> tuple[list[str], dict[str, str]]:
         if self.is_safetensors:
-            self._check_safetensors_size()
-            try:
+            entries, metadata, _ = self._safetensors_header
+            try:  # the reference parser sees every file wsa reads: what it refuses, wsa refuses
                 with safe_open(self.path, framework="pt") as f:
-                    return sorted(f.keys()), dict(f.metadata() or {})
+                    f.keys()
             except Exception as exc:  # safetensors raises its own error types
                 raise FormatError(f"not a valid safetensors file ({_one_line(exc)})", self.path) from None
+            return sorted(entries), metadata
         state = self._pickle_state
         return sorted(state), {}
 
-    def _check_safetensors_size(self) -> None:
-        # Checked by hand so a truncated download gets a message that says so.
+    @cached_property
+    def _safetensors_header(self) -> tuple[dict[str, _Entry], dict[str, str], int]:
+        """``({key: (dtype, shape, start, end)}, metadata, data start)``, every field checked.
+
+        Why by hand before ``safe_open``: a truncated download, a header that is a list, a tensor
+        without ``data_offsets`` or overlapping byte ranges each get a message that says so, and
+        JSON nested 10⁵ deep is refused (``RecursionError``) instead of escaping as a traceback.
+        """
         size = self.path.stat().st_size
         with self.path.open("rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
                 raise FormatError("truncated safetensors file (no header)", self.path)
             (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100_000_000):
+            if n > min(size - 8, MAX_HEADER_BYTES):
                 raise FormatError("truncated or corrupt safetensors file (header larger than file)", self.path)
-            try:
-                header = json.loads(fh.read(n))
-            except ValueError:
-                raise FormatError("corrupt safetensors file (header is not JSON)", self.path) from None
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-        if ends and 8 + n + max(ends) > size:
-            raise FormatError(
-                f"truncated safetensors file ({size} bytes, header promises {8 + n + max(ends)})", self.path
-            )
+            raw = fh.read(n)
+        return (*parse_safetensors_header(raw, size - 8 - n, self.path), 8 + n)
 
     @cached_property
     def _pickle_state(self) -> dict[str, Tensor]:
@@ -115,25 +117,18 @@ class TensorFile:
         return out
 
     def _read_header_tensors(self) -> dict[str, Tensor]:
-        self.keys  # noqa: B018  (validates the header with safe_open first)
+        self.keys  # noqa: B018  (validates the header, also with safe_open)
+        entries, _, base = self._safetensors_header
         out: dict[str, Tensor] = {}
         with self.path.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-            for key, info in header.items():
-                if key == "__metadata__":
-                    continue
-                dtype = _DTYPES.get(info.get("dtype"))
-                if dtype is None:
-                    raise FormatError(f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}", self.path)
-                shape = tuple(int(d) for d in info["shape"])
+            for key, (dtype, shape, start, end) in entries.items():
                 count = math.prod(shape)
-                start, end = info["data_offsets"]
-                if end - start != count * dtype.itemsize:
-                    raise FormatError(f"tensor {key!r}: byte range does not match shape {shape}", self.path)
                 if 0 < count <= _SMALL:
-                    fh.seek(8 + n + start)
-                    t = torch.frombuffer(bytearray(fh.read(end - start)), dtype=dtype).reshape(shape)
+                    fh.seek(base + start)
+                    data = fh.read(end - start)
+                    if len(data) != end - start:
+                        raise FormatError("file shrank while being read", self.path)
+                    t = torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
                     check_finite(t, key, self.path)
                     out[key] = t
                 else:
@@ -144,34 +139,103 @@ class TensorFile:
         """One read of the whole file, tensors as views into it.
 
         Why not ``safe_open.get_tensor`` per key: a w2w-shaped LoRA has 128 small tensors, and one read
-        plus views is several times faster; the header was already validated by ``safe_open`` in
-        ``_header`` (offsets are re-checked here against each tensor's size).
+        plus views is several times faster; the header was already validated (byte ranges in bounds,
+        contiguous, matching each shape) by :attr:`_safetensors_header` and ``safe_open``.
         """
-        self.keys  # noqa: B018  (validates the header with safe_open first)
+        self.keys  # noqa: B018  (validates the header, also with safe_open)
+        entries, _, base = self._safetensors_header
         raw = bytearray(self.path.read_bytes())
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8 : 8 + n])
-        base = 8 + n
+        if len(raw) < base + max((e[3] for e in entries.values()), default=0):
+            raise FormatError("file shrank while being read", self.path)
         out: dict[str, Tensor] = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise FormatError(f"tensor {key!r} has unsupported dtype {info.get('dtype')!r}", self.path)
-            start, end = info["data_offsets"]
-            shape = tuple(int(d) for d in info["shape"])
-            count = 1
-            for d in shape:
-                count *= d
-            itemsize = dtype.itemsize
-            if end - start != count * itemsize:
-                raise FormatError(f"tensor {key!r}: byte range does not match shape {shape}", self.path)
+        for key, (dtype, shape, start, _end) in entries.items():
+            count = math.prod(shape)
             if count == 0:
                 out[key] = torch.empty(shape, dtype=dtype)
                 continue
             out[key] = torch.frombuffer(raw, dtype=dtype, count=count, offset=base + start).reshape(shape)
         return out
+
+
+#: One tensor's header entry: dtype, shape, byte range within the data section.
+_Entry = tuple[torch.dtype, tuple[int, ...], int, int]
+#: safetensors' own limit on the header's size.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def parse_safetensors_header(raw: bytes, data_size: int, path: str | Path) -> tuple[dict[str, _Entry], dict[str, str]]:
+    """Check a safetensors header as the format defines it; every failure is one :class:`FormatError`.
+
+    ``data_size`` is the number of bytes after the header: the tensors' byte ranges must tile it exactly
+    (no gap, no overlap, nothing past the end), as the safetensors library requires.
+    """
+    try:
+        header = json.loads(raw)
+    except RecursionError:
+        raise FormatError("corrupt safetensors file (header JSON nested too deeply)", path) from None
+    except ValueError:  # UnicodeDecodeError included
+        raise FormatError("corrupt safetensors file (header is not JSON)", path) from None
+    if not isinstance(header, dict):
+        raise FormatError(f"corrupt safetensors file (header is a JSON {type(header).__name__}, not an object)", path)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("corrupt safetensors file (__metadata__ must map strings to strings)", path)
+    entries: dict[str, _Entry] = {}
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise FormatError(f"corrupt safetensors file (entry {key[:200]!r} is not an object)", path)
+        name = info.get("dtype")
+        dtype = _DTYPES.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            raise FormatError(f"tensor {key[:200]!r} has unsupported dtype {str(name)[:40]!r}", path)
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not isinstance(shape, list) or len(shape) > 8 or not all(_is_count(d) for d in shape):
+            raise FormatError(f"corrupt safetensors file (tensor {key[:200]!r}: shape must be a list of sizes)", path)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise FormatError(
+                f"corrupt safetensors file (tensor {key[:200]!r}: data_offsets must be [start, end])", path
+            )
+        start, end = offsets
+        if end < start or end - start != math.prod(shape) * dtype.itemsize:
+            raise FormatError(f"tensor {key[:200]!r}: byte range does not match shape {tuple(shape)}", path)
+        entries[key] = (dtype, tuple(shape), start, end)
+    at = 0
+    for key, (_, _, start, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if start != at:
+            what = "overlap" if start < at else "leave a gap"
+            raise FormatError(f"corrupt safetensors file (tensor {key[:200]!r}: byte ranges {what})", path)
+        at = end
+    if at > data_size:
+        raise FormatError(f"truncated safetensors file ({data_size} data bytes, header promises {at})", path)
+    if at < data_size:
+        raise FormatError(f"corrupt safetensors file ({data_size - at} bytes after the last tensor)", path)
+    return entries, metadata
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62
+
+
+def regular_file(path: Path) -> os.stat_result:
+    """``stat`` of a plain file, or a :class:`FormatError` saying what the path is instead.
+
+    Why: a FIFO would block the first read forever; a symlink loop, a dangling link or an unreadable
+    folder would surface as a bare ``OSError``. Each gets its own one-line reason.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        reason = "broken symlink (points to a missing file)" if path.is_symlink() else "no such file"
+        raise FormatError(reason, path) from None
+    except OSError as exc:
+        reason = "symlink loop" if exc.errno == errno.ELOOP else f"cannot read ({exc.strerror or exc})"
+        raise FormatError(reason, path) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "is a folder, not a file" if stat.S_ISDIR(st.st_mode) else "not a regular file (a FIFO, socket or device)"
+        )
+        raise FormatError(kind, path)
+    return st
 
 
 #: Tensors with at most this many values are read even under :func:`header_only` (alphas, scalars).

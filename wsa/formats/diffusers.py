@@ -16,7 +16,7 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
-from wsa.formats._modules import assemble, build_module, pattern_value, read_alpha, split_keys
+from wsa.formats._modules import assemble, build_module, checked_lora_config, pattern_value, read_alpha, split_keys
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
 from wsa.formats.names import canonical_text_encoder_path, canonical_unet_path, processor_to_canonical
@@ -97,16 +97,19 @@ def _metadata_config(metadata: dict[str, str], path: Path) -> dict[str, dict]:
         return {}
     try:
         flat = json.loads(metadata[METADATA_KEY])
-    except ValueError:
-        raise FormatError(f"header field {METADATA_KEY!r} is not JSON", path) from None
+    except (ValueError, RecursionError):
+        raise FormatError(f"header field {METADATA_KEY!r} is not JSON (or is nested too deeply)", path) from None
     if not isinstance(flat, dict):
         raise FormatError(f"header field {METADATA_KEY!r} is not a JSON object", path)
     out: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
         if component + "." not in COMPONENTS or not field:
+            checked_lora_config(flat, path)
             return {"unet.": flat, "transformer.": flat}  # bare LoraConfig dict
         out.setdefault(component + ".", {})[field] = value
+    for cfg in out.values():
+        checked_lora_config(cfg, path)  # refuses NaN alphas, non-integer ranks, hostile patterns
     return out
 
 
@@ -133,7 +136,7 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
         if file_prefix in configs:
             cfg = configs[file_prefix]
             rslora = bool(cfg.get("use_rslora", False))
-            pattern = pattern_value(cfg.get("alpha_pattern") or {}, rest)
+            pattern = pattern_value(cfg.get("alpha_pattern") or {}, rest, path, "alpha_pattern")
             alpha_key = "alpha" if lokr else "lora_alpha"
             value = pattern if pattern is not None else cfg.get(alpha_key, cfg.get("r"))
             try:
@@ -161,7 +164,9 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
             scale = 1.0
             if file_prefix in configs:
                 cfg = configs[file_prefix]
-                r = pattern_value(cfg.get("rank_pattern") or {}, rest) or cfg.get("r", mod.rank or 1)
+                r = pattern_value(cfg.get("rank_pattern") or {}, rest, path, "rank_pattern") or cfg.get(
+                    "r", mod.rank or 1
+                )
                 scale = float(alpha) / float(r)  # type: ignore[arg-type]
             mod = ModuleWeights(mod.kind, mod.tensors, mod.shape, mod.rank, alpha, scale, mod.dora_axis)
         modules[(name, is_denoiser)] = mod

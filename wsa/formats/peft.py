@@ -14,7 +14,7 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
-from wsa.formats._modules import assemble, build_module, pattern_value, split_keys
+from wsa.formats._modules import assemble, build_module, checked_lora_config, pattern_value, split_keys
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
 from wsa.formats.names import canonical_text_encoder_path
@@ -54,19 +54,39 @@ def component_folders(path: Path) -> list[tuple[str, Path]]:
     return [(prefix, path / name) for name, prefix in COMPONENTS.items() if (path / name / CONFIG).is_file()]
 
 
+def read_config(path: Path) -> tuple[dict, dict]:
+    """``adapter_config.json``, checked field by field: the scale comes from it, so it is input like the weights.
+
+    Returns ``(config as written, checked)``: the second has ``peft_type`` upper-cased and ``r``,
+    ``lora_alpha``/``alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` present and typed (peft's
+    defaults where absent: r=8, alpha=8). Every problem is one :class:`FormatError` naming the file and the field.
+    """
+    try:
+        config = json.loads(path.read_bytes())
+    except RecursionError:
+        raise FormatError("adapter_config.json is nested too deeply", path) from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise FormatError(f"adapter_config.json is not valid JSON ({_first_line(exc)})", path) from None
+    if not isinstance(config, dict):
+        raise FormatError(f"adapter_config.json is a JSON {type(config).__name__}, not an object", path)
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() not in {"LORA", "LOHA", "LOKR"}:
+        raise FormatError(f"PEFT type {str(peft_type)[:40]!r} is not a LoRA-family adapter wsa reads", path)
+    return config, {**checked_lora_config(config, path), "peft_type": peft_type.upper()}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
 def _sniff(path: Path, file: TensorFile | None) -> bool:
     return path.is_dir() and bool(component_folders(path))
 
 
 def _read_component(prefix: str, folder: Path, base_shapes: BaseShapes | None) -> tuple[dict, dict]:
     config_path = folder / CONFIG
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
-        raise FormatError(f"adapter_config.json is not valid JSON ({exc})", config_path) from None
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type not in {"LORA", "LOHA", "LOKR"}:
-        raise FormatError(f"PEFT type {peft_type!r} is not a LoRA-family adapter wsa reads", config_path)
+    written, config = read_config(config_path)
+    peft_type = config["peft_type"]
     weights = next((folder / w for w in WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise FormatError(f"no {' or '.join(WEIGHTS)} next to adapter_config.json", folder)
@@ -74,32 +94,29 @@ def _read_component(prefix: str, folder: Path, base_shapes: BaseShapes | None) -
     tensors = {_ADAPTER_NAME.sub(r".\1.\2", k): v for k, v in tf.tensors().items()}
     groups = split_keys(sorted(tensors), SUFFIXES, weights)
     alpha_key = "lora_alpha" if peft_type == "LORA" else "alpha"
-    rank_default = config.get("r", 8)
-    alpha_default = config.get(alpha_key, 8)
+    rank_default, alpha_default = config["r"], config[alpha_key]
+    rank_pattern, alpha_pattern = config["rank_pattern"], config["alpha_pattern"]
     modules: dict[str, ModuleWeights] = {}
     for raw_name, parts in groups.items():
         name = raw_name.removeprefix("base_model.model.")
         if not prefix:
             name = next((name[len(w) :] for w in WRAPPER_PREFIXES if name.startswith(w)), name)
         canonical = prefix + canonical_text_encoder_path(name) if prefix else name  # denoiser: the family names it
-        r = pattern_value(config.get("rank_pattern") or {}, name) or rank_default
-        alpha = pattern_value(config.get("alpha_pattern") or {}, name)
+        r = pattern_value(rank_pattern, name, config_path, "rank_pattern")
+        r = rank_default if r is None else r
+        alpha = pattern_value(alpha_pattern, name, config_path, "alpha_pattern")
         alpha = float(alpha_default if alpha is None else alpha)  # type: ignore[arg-type]
         mod = build_module(
             canonical,
             {p: tensors[k] for p, k in parts.items()},
             alpha=alpha,
             path=weights,
-            rslora=bool(config.get("use_rslora", False)),
+            rslora=config["use_rslora"],
             lokr_full_means_scale_one=False,
             dora_axis="out",
             base_shapes=base_shapes,
         )
-        try:
-            r = int(r)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise FormatError(f"config rank {r!r} for module {name!r} is not an integer", config_path) from None
-        if mod.rank not in (0, r) or r <= 0:
+        if mod.rank not in (0, r):
             raise FormatError(
                 f"module {name!r} has rank {mod.rank} but adapter_config.json says r={r}; "
                 "the config does not belong to these weights",
@@ -109,10 +126,12 @@ def _read_component(prefix: str, folder: Path, base_shapes: BaseShapes | None) -
             # PEFT LoHa/LoKr: scale = alpha / r with r from the config, even for full LoKr factors
             # (peft tuners/lokr/layer.py update_layer), unlike LyCORIS, where full LoKr means scale 1.
             mod = ModuleWeights(mod.kind, mod.tensors, mod.shape, r, alpha, alpha / r, mod.dora_axis)
+        elif alpha == 0:  # peft: scaling = lora_alpha / r, so 0 switches the adapter off (kohya reads 0 as "= rank")
+            mod = ModuleWeights(mod.kind, mod.tensors, mod.shape, mod.rank, 0.0, 0.0, mod.dora_axis)
         if canonical in modules:
             raise FormatError(f"module {canonical!r} appears twice under different spellings", weights)
         modules[canonical] = mod
-    meta = {f"{prefix}{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in config.items()}
+    meta = {f"{prefix}{k}": v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in written.items()}
     return modules, meta
 
 

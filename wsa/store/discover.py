@@ -7,6 +7,7 @@ suffix; ``pytorch_lora_weights.safetensors`` and component folders are named by 
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,10 +35,18 @@ class Source:
         return self.loader() if self.loader is not None else load_adapter(self.path)
 
     def fingerprint(self) -> list[list[int]]:
-        """Cheap change check: (size, mtime_ns) of every file; content hashes are kept beside it."""
+        """Cheap change check: (size, mtime_ns) of every file; content hashes are kept beside it.
+
+        A file that cannot be stat-ed (a broken symlink, a loop, deleted since discovery) gets ``[-1, -1]``:
+        it then matches nothing cached, and reading it says what is wrong, as that file's problem.
+        """
         out = []
         for f in self.files:
-            st = f.stat()
+            try:
+                st = f.stat()
+            except OSError:
+                out.append([-1, -1])
+                continue
             out.append([st.st_size, st.st_mtime_ns])
         return out
 
@@ -65,7 +74,14 @@ def discover(paths: Iterable[str | Path]) -> list[Source]:
     for given in paths:
         root = Path(given)
         if not root.exists():
-            raise CollectionError(f"{root}: no such file or folder")
+            try:
+                root.stat()
+                reason = "no such file or folder"
+            except OSError as exc:
+                reason = "symlink loop" if exc.errno == errno.ELOOP else (exc.strerror or "no such file or folder")
+                if isinstance(exc, FileNotFoundError) and root.is_symlink():
+                    reason = "broken symlink (points to a missing file or folder)"
+            raise CollectionError(f"{root}: {reason}")
         for adapter_path in _walk(root):
             base = root if root.is_dir() and adapter_path != root else root.parent
             sid = _source_id(adapter_path, base)
@@ -91,7 +107,14 @@ def _walk(root: Path) -> Iterable[Path]:
     if component_folders(root):
         yield root
         return
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:
+        raise CollectionError(
+            f"{exc.filename}: cannot list this folder ({exc.strerror}); fix its permissions or pass the readable "
+            "folders instead"
+        )
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         here = Path(dirpath)
         descend = []
         for d in sorted(dirnames):

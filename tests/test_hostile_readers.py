@@ -1,0 +1,294 @@
+"""Hostile adapter files, one test per class (issue 12): each is a one-line FormatError naming the file,
+skipped under ``--skip-bad``, never a traceback, never slow. Each class has a positive control: the same
+file without the defect loads (``tests/hostile.good_kohya`` / ``write_peft``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save
+
+import wsa
+from tests.hostile import GOOD_DATA, GOOD_HEADER, KEY, PEFT_NAME, _deep, good_kohya, join_safetensors, write_peft
+from tests.tiny import reference_deltas
+from wsa.cli import main
+from wsa.formats._modules import pattern_value
+
+
+def expect(path: Path, *fragments: str, blame: Path | None = None) -> str:
+    with pytest.raises(wsa.FormatError) as info:
+        wsa.load_adapter(path)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert message.startswith(str(blame or path)), message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def header_file(tmp_path: Path, header: object, data: bytes = GOOD_DATA) -> Path:
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(join_safetensors(header, data))
+    return path
+
+
+def test_positive_controls(tmp_path: Path) -> None:
+    assert wsa.load_adapter(header_file(tmp_path, GOOD_HEADER)).format == "kohya"
+    config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}).encode()
+    assert wsa.load_adapter(write_peft(tmp_path / "p", config)).format == "peft"
+
+
+# ------------------------------------------------------------------------------ safetensors headers
+
+
+@pytest.mark.parametrize("opener", ["[", "{"])
+def test_header_nested_deep(tmp_path: Path, opener: str) -> None:
+    start = time.perf_counter()
+    expect(header_file(tmp_path, _deep(100_000, opener)), "nested too deeply")
+    assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize("header", [[1, 2], 7, "x", None])
+def test_header_not_an_object(tmp_path: Path, header: object) -> None:
+    expect(header_file(tmp_path, header), "not an object")
+
+
+def test_entry_without_data_offsets(tmp_path: Path) -> None:
+    header = json.loads(json.dumps(GOOD_HEADER))
+    del header[f"{KEY}.lora_up.weight"]["data_offsets"]
+    expect(header_file(tmp_path, header), "data_offsets")
+
+
+def test_overlapping_and_trailing_bytes(tmp_path: Path) -> None:
+    header = json.loads(json.dumps(GOOD_HEADER))
+    down, up = header[f"{KEY}.lora_down.weight"], header[f"{KEY}.lora_up.weight"]
+    up["data_offsets"] = list(down["data_offsets"])  # same bytes read as two tensors
+    expect(header_file(tmp_path, header), "overlap")
+    expect(header_file(tmp_path / "..", GOOD_HEADER, GOOD_DATA + b"\0" * 8), "after the last tensor")
+
+
+def test_metadata_must_be_strings(tmp_path: Path) -> None:
+    header = {**GOOD_HEADER, "__metadata__": {"ss_network_dim": 4}}
+    expect(header_file(tmp_path, header), "__metadata__")
+
+
+# ------------------------------------------------------------------------------ factors
+
+
+def kohya(tmp_path: Path, **changes: torch.Tensor) -> Path:
+    tensors = good_kohya()
+    for part, t in changes.items():
+        tensors[f"{KEY}.{part}"] = t
+    path = tmp_path / f"k{len(list(tmp_path.iterdir()))}.safetensors"
+    path.write_bytes(save(tensors))
+    return path
+
+
+def test_rank_zero(tmp_path: Path) -> None:
+    path = kohya(tmp_path, **{"lora_down.weight": torch.zeros(0, 8), "lora_up.weight": torch.zeros(8, 0)})
+    expect(path, "rank 0")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_integer_and_bool_factors(tmp_path: Path, dtype: torch.dtype) -> None:
+    path = kohya(tmp_path, **{"lora_down.weight": torch.ones(4, 8).to(dtype)})
+    expect(path, "not float")
+
+
+def test_three_dimensional_down(tmp_path: Path) -> None:
+    expect(kohya(tmp_path, **{"lora_down.weight": torch.ones(4, 8, 2)}), "3-D")
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf])
+def test_non_finite_alpha_tensor(tmp_path: Path, alpha: float) -> None:
+    expect(kohya(tmp_path, alpha=torch.tensor(alpha)), "alpha")
+
+
+# ------------------------------------------------------------------------------ PEFT configs
+
+
+@pytest.mark.parametrize(
+    ("config", "fragment"),
+    [
+        ([1, 2], "not an object"),
+        (None, "not an object"),
+        ({"r": 4, "lora_alpha": "abc"}, "lora_alpha must be a finite number"),
+        ({"r": 4, "lora_alpha": math.nan}, "lora_alpha must be a finite number"),
+        ({"r": 4, "lora_alpha": math.inf}, "lora_alpha must be a finite number"),
+        ({"r": True, "lora_alpha": 4}, "r must be a positive integer"),
+        ({"r": 0, "lora_alpha": 4}, "r must be a positive integer"),
+        ({"r": 4, "rank_pattern": ["to_q"]}, "rank_pattern must be an object"),
+        ({"r": 4, "rank_pattern": {"to_q": "two"}}, "positive integer"),
+        ({"r": 4, "rank_pattern": {"to_[q": 4}}, "not a valid regular expression"),
+        ({"r": 4, "alpha_pattern": {"to_q": math.nan}}, "finite number"),
+        ({"r": 4, "use_rslora": "yes"}, "use_rslora"),
+        ({"peft_type": ["LORA"]}, "PEFT type"),
+    ],
+)
+def test_bad_peft_config(tmp_path: Path, config: object, fragment: str) -> None:
+    folder = write_peft(tmp_path / "a", json.dumps(config).encode())  # json.dumps writes NaN/Infinity as peft reads
+    expect(folder, fragment, blame=folder / "adapter_config.json")
+
+
+def test_peft_config_nested_deep(tmp_path: Path) -> None:
+    folder = write_peft(tmp_path / "a", _deep(100_000, "["))
+    expect(folder, "nested too deeply", blame=folder / "adapter_config.json")
+
+
+@pytest.mark.parametrize("pattern", ["(a|aa)*b", "(a+)+b", "(.*)*x", "(?P<g>a)(?P=g)", "a*b*c*d"])
+def test_redos_patterns_are_refused_fast(tmp_path: Path, pattern: str) -> None:
+    name = "a" * 40
+    config = json.dumps({"r": 4, "lora_alpha": 8, "rank_pattern": {pattern: 4}}).encode()
+    folder = write_peft(tmp_path / "a", config, weights_name=name)
+    start = time.perf_counter()
+    expect(folder, "will not run", blame=folder / "adapter_config.json")
+    assert time.perf_counter() - start < 1
+
+
+def _peft_match(patterns: dict[str, int], module: str) -> int | None:
+    """peft's own rule (peft.utils.other.get_pattern_key), for the patterns wsa accepts."""
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(patterns), module)
+    return patterns.get(key) if key in patterns else None
+
+
+words = st.sampled_from(["down_blocks", "0", "1", "attn1", "attn2", "to_q", "to_k", "to_out", "proj_in", "ff"])
+names = st.lists(words, min_size=1, max_size=6).map(".".join)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(module=names, keys=st.lists(names | st.sampled_from(["to_.", "attn[12].to_q", "to_(q|k)", ".*_k"]), max_size=4))
+def test_pattern_lookup_agrees_with_peft(module: str, keys: list[str]) -> None:
+    patterns = {k: i + 1 for i, k in enumerate(dict.fromkeys(keys))}
+    assert pattern_value(patterns, module, "cfg", "rank_pattern") == _peft_match(patterns, module)
+
+
+def test_lora_alpha_zero_follows_peft(tmp_path: Path) -> None:
+    """peft: scaling = lora_alpha / r, so alpha 0 means ΔW = 0 (kohya reads 0 as alpha = rank; not here)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=0, target_modules=["0"], init_lora_weights=False))
+    assert float(reference_deltas(peft_model)["0"].abs().max()) == 0.0  # peft's own answer
+    for alpha, zero in ((0, True), (8, False)):
+        folder = write_peft(tmp_path / f"a{alpha}", json.dumps({"r": 4, "lora_alpha": alpha}).encode())
+        delta = wsa.load_adapter(folder).delta(PEFT_NAME)
+        assert bool(float(delta.abs().max()) == 0.0) is zero
+
+
+# ------------------------------------------------------------------------------ the file system
+
+
+def test_symlinks_fifo_and_folders(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.safetensors"
+    loop.symlink_to(loop)
+    expect(loop, "symlink loop")
+    dangling = tmp_path / "gone.safetensors"
+    dangling.symlink_to(tmp_path / "missing.safetensors")
+    expect(dangling, "broken symlink")
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    expect(fifo, "not a regular file")
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    with pytest.raises(wsa.FormatError):
+        wsa.load_adapter(folder)
+
+
+def test_unreadable_and_vanishing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = header_file(tmp_path, GOOD_HEADER)
+
+    def denied(self: Path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    expect(path, "Permission denied")
+    monkeypatch.undo()
+
+    real = Path.read_bytes
+
+    def vanish(self: Path) -> bytes:
+        if self.suffix == ".safetensors":
+            self.unlink()
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", vanish)
+    expect(path, "cannot read")
+
+
+# ------------------------------------------------------------------------------ the commands
+
+
+@pytest.fixture
+def hostile_folder(tmp_path: Path) -> Path:
+    """Two good adapters among one file of each hostile class above."""
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"good{i}.safetensors").write_bytes(save(good_kohya()))
+    (folder / "deep.safetensors").write_bytes(join_safetensors(_deep(100_000, "["), GOOD_DATA))
+    (folder / "list.safetensors").write_bytes(join_safetensors([1], GOOD_DATA))
+    tensors = good_kohya()
+    tensors[f"{KEY}.lora_down.weight"] = torch.zeros(0, 8)
+    tensors[f"{KEY}.lora_up.weight"] = torch.zeros(8, 0)
+    (folder / "rank0.safetensors").write_bytes(save(tensors))
+    (folder / "loop.safetensors").symlink_to(folder / "loop.safetensors")
+    (folder / "dangling.safetensors").symlink_to(folder / "missing.safetensors")
+    write_peft(folder / "nan_alpha", b'{"r": 4, "lora_alpha": NaN}')
+    write_peft(folder / "redos", b'{"r": 4, "lora_alpha": 8, "rank_pattern": {"(a|aa)*b": 4}}')
+    write_peft(folder / "list_config", b"[]")
+    (folder / "evil\x1b[31m\nerror: forged.safetensors").write_bytes(b"\x01\x02")
+    return folder
+
+
+def test_ingest_skip_bad_skips_each_hostile_file(hostile_folder: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["ingest", str(hostile_folder), "--out", str(tmp_path / "s"), "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    store = wsa.open_store(tmp_path / "s")
+    assert sorted(store.ids) == ["good0", "good1"]
+    problems = {Path(p["source"]).name for p in store.manifest["problems"]}
+    assert len(problems) == 9, problems
+    assert "\x1b" not in result.output and "\nerror: forged" not in result.output
+
+
+def test_ingest_without_skip_bad_is_one_line(hostile_folder: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["ingest", str(hostile_folder), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output and "\x1b" not in result.output
+    assert re.search(r"error: .*", result.output)
+
+
+def test_info_on_each_hostile_file(hostile_folder: Path) -> None:
+    for path in sorted(hostile_folder.iterdir()):
+        result = CliRunner().invoke(main, ["info", str(path)])
+        assert result.exit_code in (0, 1, 2), (path, result.output)  # 2: click says the path does not exist
+        assert result.exception is None or isinstance(result.exception, SystemExit), (path, result.exception)
+        assert "\x1b" not in result.output, path
+
+
+def test_unexpected_exception_is_one_line_without_debug(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import wsa.store
+
+    def broken(*args, **kwargs):
+        raise TypeError("something wsa did not expect")
+
+    monkeypatch.setattr(wsa.store, "ingest", broken)
+    (tmp_path / "a.safetensors").write_bytes(save(good_kohya()))
+    result = CliRunner().invoke(main, ["ingest", str(tmp_path), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1
+    assert "internal error (TypeError: something wsa did not expect)" in result.output
+    assert "--debug" in result.output
+    debug = CliRunner().invoke(main, ["--debug", "ingest", str(tmp_path), "--out", str(tmp_path / "s")])
+    assert isinstance(debug.exception, TypeError)
