@@ -11,9 +11,10 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     if not value or ctx.resilient_parsing:
         return
     from wsa.analyses import available_analyzers, get_analyzer
+    from wsa.text import terminal_safe
 
-    for name in available_analyzers():
-        click.echo(f"{name:<14} {get_analyzer(name).title}")
+    for name in available_analyzers():  # plug-ins name themselves: their text is escaped like any input's
+        click.echo(f"{terminal_safe(name, 60):<14} {terminal_safe(get_analyzer(name).title)}")
     ctx.exit()
 
 
@@ -174,4 +175,6 @@ def analyze(
     index = run_analysis(
         list(inputs), out, config, cache=cache, argv=command_line(click.get_current_context()), progress=not quiet
     )
-    click.echo(str(index))
+    from wsa.text import terminal_safe
+
+    click.echo(terminal_safe(index, 10_000))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 import click
 
@@ -169,8 +171,66 @@ def info(path: str | None, as_json: bool, list_families: bool, quiet: bool) -> N
         return
     if path is None:
         raise click.UsageError("give a PATH (a store, an adapter or a folder), or --families")
-    summary = summarize(path, progress=not quiet)
+    interrupted = interrupted_summary(Path(path))
+    summary = interrupted if interrupted is not None else summarize(path, progress=not quiet)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    {"store": _print_store, "adapter": _print_adapter, "collection": _print_collection}[summary["kind"]](summary)
+    printers = {
+        "store": _print_store,
+        "adapter": _print_adapter,
+        "collection": _print_collection,
+        "interrupted-store": _print_interrupted,
+    }
+    printers[summary["kind"]](summary)
+
+
+def interrupted_summary(path: Path) -> dict | None:
+    """An ingest that stopped before writing its manifest (only ``.partial/``): progress and how to resume."""
+    from wsa.store.store import MANIFEST
+
+    partial = path / ".partial"
+    if not path.is_dir() or (path / MANIFEST).is_file() or not partial.is_dir():
+        return None
+    plan: dict = {}
+    try:
+        loaded = json.loads((partial / "plan.json").read_text())
+        plan = loaded if isinstance(loaded, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        pass
+    done = None
+    try:
+        import numpy as np
+
+        marks = np.load(partial / "done.npy")
+        done = {"rows": int(marks.size), "done": int((marks == 1).sum()), "problems": int((marks == 2).sum())}
+    except (OSError, ValueError):
+        pass
+    config = plan.get("config") if isinstance(plan.get("config"), dict) else {}
+    inputs = plan.get("inputs") if isinstance(plan.get("inputs"), list) else None
+    defaults = {"repr": "raw", "dtype": "float32", "modules": "exact", "family": None}
+    args = ["wsa", "ingest", *(str(i) for i in inputs or ["PATHS"]), "--out", str(path)]
+    for key, default in defaults.items():
+        value = config.get(key, default)
+        if value != default and isinstance(value, str):
+            args += [f"--{key}", value]
+    if plan.get("skip_bad"):
+        args.append("--skip-bad")
+    return {
+        "kind": "interrupted-store",
+        "path": str(path),
+        "progress": done,
+        "config": config,
+        "resume": shlex.join(args),
+        "inputs_known": inputs is not None,
+    }
+
+
+def _print_interrupted(s: dict) -> None:
+    _line("store", f"{s['path']} (unfinished ingest: .partial/ only, no wsa_store.json yet)")
+    p = s["progress"]
+    if p is not None:
+        _line("progress", f"{p['done']} of {p['rows']} rows written, {p['problems']} problem(s)")
+    _line("resume", s["resume"])
+    if not s["inputs_known"]:
+        click.echo("           (run the same `wsa ingest` command as before: PATHS are the folders it read)")

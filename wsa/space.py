@@ -235,7 +235,9 @@ class Space:
             raise StoreError(f"not a saved space (no {SPACE_JSON}); fit one and call Space.save", folder)
         try:
             meta = json.loads(json_path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            raise StoreError(f"cannot read {SPACE_JSON} ({exc.strerror or exc})", folder) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise StoreError(f"{SPACE_JSON} is not valid JSON ({exc}); save the space again", folder) from None
         if not isinstance(meta, dict):
             raise StoreError(f"{SPACE_JSON} is not a JSON object; save the space again", folder)
@@ -252,7 +254,10 @@ class Space:
             )
         if not tensors_path.is_file():
             raise StoreError(f"{SPACE_TENSORS} is missing; save the space again", folder)
-        blob = tensors_path.read_bytes()
+        try:
+            blob = tensors_path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read {SPACE_TENSORS} ({exc.strerror or exc})", folder) from None
         if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
             raise StoreError(
                 f"{SPACE_TENSORS} does not match {SPACE_JSON} (sha256 differs: interrupted save or mixed files); "
@@ -267,13 +272,20 @@ class Space:
         unexpected = sorted(set(tensors) - set(_TENSOR_NAMES))
         if missing or unexpected:
             raise StoreError(f"{SPACE_TENSORS}: missing {missing}, unexpected {unexpected}; save it again", folder)
-        try:
-            k, d, n = int(meta["n_components"]), int(meta["n_features"]), int(meta["n_samples"])
-            ids = tuple(str(i) for i in meta["ids"])
-            total = float(meta["total_variance"])
-            config = dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"{SPACE_JSON} lacks a valid field ({exc!r}); save the space again", folder) from None
+        k, d, n = (_meta_field(meta, key, _is_count, "a non-negative integer", folder) for key in _COUNTS)
+        ids = tuple(
+            _meta_field(
+                meta,
+                "ids",
+                lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+                "a list of strings",
+                folder,
+            )
+        )
+        if len(set(ids)) != len(ids):
+            raise StoreError(f"{SPACE_JSON} field 'ids' repeats an id; save the space again", folder)
+        total = float(_meta_field(meta, "total_variance", _is_finite_number, "a finite number >= 0", folder))
+        config = dict(_meta_field(meta, "config", lambda v: isinstance(v, dict), "an object", folder))
         shapes = {
             "mean": (d,),
             "scale": (d,),
@@ -288,6 +300,14 @@ class Space:
         if bad or len(ids) != n:
             bad += [] if len(ids) == n else [f"{len(ids)} ids for {n} samples"]
             raise StoreError(f"inconsistent shapes ({'; '.join(bad)}); save the space again", folder)
+        for name in _TENSOR_NAMES:
+            t = tensors[name]
+            if not np.issubdtype(t.dtype, np.floating):
+                raise StoreError(f"{SPACE_TENSORS}: {name} is {t.dtype}, expected floats; save the space again", folder)
+            if not np.isfinite(t).all():
+                raise StoreError(f"{SPACE_TENSORS}: {name} holds NaN or Inf values; refit the space", folder)
+        if not np.all(tensors["scale"] > 0):
+            raise StoreError(f"{SPACE_TENSORS}: scale has values <= 0; refit the space", folder)
         f32 = {name: tensors[name].astype(np.float32, copy=False) for name in ("mean", "scale", "components")}
         return cls(
             mean=f32["mean"],
@@ -301,6 +321,27 @@ class Space:
             coefficients=tensors["coefficients"].astype(np.float32, copy=False),
             config=config,
         )
+
+
+_COUNTS = ("n_components", "n_features", "n_samples")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _meta_field(meta: dict, key: str, ok: Callable[[Any], bool], want: str, folder: Path) -> Any:
+    """``meta[key]`` if present and ``ok``; otherwise one StoreError naming the field."""
+    if key not in meta:
+        raise StoreError(f"{SPACE_JSON} lacks the field {key!r}; save the space again", folder)
+    value = meta[key]
+    if not ok(value):
+        raise StoreError(f"{SPACE_JSON} field {key!r} is {value!r:.60}, expected {want}; save the space again", folder)
+    return value
 
 
 # ------------------------------------------------------------------------------------------ data sources

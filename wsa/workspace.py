@@ -42,6 +42,19 @@ def write_decoding_info(folder: str | Path, store: Any, base: str | None, prompt
     )
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file, or one StoreError line naming it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise StoreError(f"cannot read ({exc.strerror or exc})", path) from None
+    except (ValueError, RecursionError) as exc:
+        raise StoreError(f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})", path) from None
+    if not isinstance(data, dict):
+        raise StoreError(f"is a JSON {type(data).__name__}, expected an object", path)
+    return data
+
+
 @dataclass
 class Workspace:
     """A saved space and everything needed to turn its points into adapters and images."""
@@ -64,8 +77,26 @@ class Workspace:
             raise StoreError(
                 f"space has no {DECODING_JSON} (written by `wsa analyze` since wsa 0.2); re-run wsa analyze", folder
             )
-        info = json.loads((folder / DECODING_JSON).read_text())
-        return cls(folder, Space.load(folder), Layout.from_json(info["layout"]), info)
+        info = _read_json_object(folder / DECODING_JSON)
+        for key, ok, want in (
+            ("store", lambda v: isinstance(v, str) and v and "\x00" not in v, "a path"),
+            ("base", lambda v: v is None or isinstance(v, str), "a string or null"),
+            ("prompt", lambda v: v is None or isinstance(v, str), "a string or null"),
+            ("repr", lambda v: v is None or isinstance(v, str), "a string"),
+        ):
+            if (key in info and not ok(info[key])) or (key == "store" and key not in info):
+                raise StoreError(
+                    f"{DECODING_JSON} key {key!r} is {info.get(key)!r:.60}, expected {want}; re-run wsa analyze", folder
+                )
+        layout = Layout.from_json(info.get("layout"), folder / DECODING_JSON)
+        space = Space.load(folder)
+        if layout.n_features != space.n_features:
+            raise StoreError(
+                f"{DECODING_JSON} layout has {layout.n_features} columns, the space {space.n_features}; "
+                "re-run wsa analyze",
+                folder,
+            )
+        return cls(folder, space, layout, info)
 
     # ---------------------------------------------------------------------------------------------
     @cached_property
@@ -91,9 +122,30 @@ class Workspace:
         meta_path, tensors_path = self.folder / "directions.json", self.folder / "directions.safetensors"
         if not meta_path.is_file() or not tensors_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensors_path))
-        return {"meta": meta, "pc": {name: tensors[f"{name}/pc"] for name in meta["directions"]}}
+        meta = _read_json_object(meta_path)
+        names = meta.get("directions")
+        if not isinstance(names, dict) or not all(isinstance(v, dict) for v in names.values()):
+            raise StoreError(
+                "directions.json key 'directions' is not an object of directions; re-run wsa analyze", self.folder
+            )
+        try:
+            tensors = load_file(str(tensors_path))
+        except Exception as exc:  # safetensors raises its own error types for a damaged file
+            raise StoreError(
+                f"directions.safetensors cannot be read ({exc}); re-run wsa analyze", self.folder
+            ) from None
+        pc = {}
+        k = self.space.n_components
+        for name in names:
+            t = tensors.get(f"{name}/pc")
+            if t is None or t.ndim != 1 or not 1 <= t.shape[0] <= k or not np.isfinite(t).all():
+                raise StoreError(
+                    f"directions.safetensors: direction {name!r} is missing, not a vector of at most {k} "
+                    "coordinates, or not finite; re-run wsa analyze",
+                    self.folder,
+                )
+            pc[name] = t
+        return {"meta": meta, "pc": pc}
 
     @property
     def ids(self) -> list[str]:

@@ -14,12 +14,16 @@ mtime, or content hash with ``rehash=True``) are copied, new files are read, rem
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 import sys
 import time
 from collections import Counter
@@ -41,7 +45,7 @@ from wsa.store.discover import Source, discover
 from wsa.store.layout import REPRESENTATIONS, Layout
 from wsa.store.representations import Mismatch, delta_norm, encode, layout_for
 from wsa.store.scan import Scanned, describe_groups, family_groups, max_ranks, scan, scan_one
-from wsa.store.store import FORMAT_VERSION, MANIFEST, Store
+from wsa.store.store import FORMAT_VERSION, MANIFEST, Store, is_matrix_name
 from wsa.training_metadata import parse_training_metadata
 
 MODULE_MODES = ("exact", "intersect", "union")
@@ -133,20 +137,27 @@ def _choose_layout(
     problems: list[tuple[str, str]] = []
     if opts.modules == "exact":
         step = max(1, len(sources) // 16)
-        sample = sources[::step][:16]
+        first = sources[::step][:16]
+        chosen = {id(s) for s in first}
+        rest = [s for s in sources if id(s) not in chosen]
+        # A spread sample first; when none of it reads, the others in growing batches until one does.
+        batches = [first] + [rest[a : a + b] for a, b in _batches(len(rest), 16)]
     else:
-        sample = sources
+        batches = [sources]
     loaded: list[Adapter] = []
-    for src, result in _map_loads(sample, workers, progress and opts.modules != "exact", "scan", opts.family):
-        if isinstance(result, Adapter):
-            loaded.append(result)
-        else:
-            problems.append((str(src.path), result))
+    tried = 0
+    for batch in batches:
+        tried += len(batch)
+        for src, result in _map_loads(batch, workers, progress and opts.modules != "exact", "scan", opts.family):
+            if isinstance(result, Adapter):
+                loaded.append(result)
+            else:
+                problems.append((str(src.path), result))
+        if loaded:
+            break
     if not loaded:
-        raise CollectionError(
-            f"no readable adapter among {len(sample)} sampled; first problem: {problems[0][0]}: {problems[0][1]}",
-            problems,
-        )
+        first_problem = f"; first problem: {problems[0][0]}: {problems[0][1]}" if problems else ""
+        raise CollectionError(f"no readable adapter among the {tried} files{first_problem}", problems)
     if opts.modules == "exact":
         counts = Counter(signature(a, opts.repr) for a in loaded)
         best = counts.most_common(1)[0][0]
@@ -168,6 +179,14 @@ def _choose_layout(
     return layout_for(reference, opts.repr, ranks=ranks), problems
 
 
+def _batches(n: int, first: int) -> Iterator[tuple[int, int]]:
+    """``(start, size)`` covering ``range(n)`` with sizes doubling from ``first``."""
+    start, size = 0, first
+    while start < n:
+        yield start, size
+        start, size = start + size, size * 2
+
+
 def _map_loads(
     sources: list[Source], workers: int, progress: bool, desc: str, family: str | None = None
 ) -> Iterator[tuple[Source, Adapter | str]]:
@@ -177,6 +196,8 @@ def _map_loads(
                 return src.load()
         except WsaError as exc:
             return str(exc).removeprefix(f"{src.path}: ")
+        except OSError as exc:  # vanished, unreadable, a loop of symlinks: this file's problem, not the run's
+            return f"cannot read ({exc.strerror or exc})"
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         bar = tqdm(total=len(sources), desc=desc, unit="adapter", disable=None if progress else True, file=sys.stderr)
@@ -243,7 +264,18 @@ def ingest(
         sources = discover(path_list)
     if out.exists() and not out.is_dir():
         raise StoreError("output exists and is not a folder", out)
-    out.mkdir(parents=True, exist_ok=True)
+    with _os_errors_as_store_errors(out):
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the store folder ({exc.strerror or exc}); choose another --out", out
+            ) from None
+        with store_lock(out):
+            return _ingest_locked(out, sources, opts, skip_bad, workers, rehash, progress, path_list, executor)
+
+
+def _ingest_locked(out, sources, opts, skip_bad, workers, rehash, progress, path_list, executor) -> Store:
     partial = out / ".partial"
     old = Store(out) if (out / MANIFEST).is_file() else None
     sources, left_out, ranks = _select_family(sources, opts, workers, progress, old)
@@ -253,7 +285,7 @@ def ingest(
     if plan is None and old is not None and not rehash and _unchanged(old, config, sources):
         return old  # nothing to do: same options, same files (size and mtime)
     if plan is None:
-        shutil.rmtree(partial, ignore_errors=True)
+        _remove_partial(partial)
         if old is not None and old.manifest.get("config") == config:
             layout, scan_problems = old.layout, []
         else:
@@ -266,15 +298,102 @@ def ingest(
             "token": secrets.token_hex(4),
             "scan_problems": scan_problems,
             "left_out": left_out,
+            "inputs": [str(p) for p in path_list],
+            "skip_bad": bool(skip_bad),  # not part of the resume check; `wsa info` shows the command again
         }
-        partial.mkdir(parents=True)
-        _allocate(partial / f"matrix-{plan['token']}.npy", len(sources), layout.n_features, opts.dtype)
-        np.save(partial / "done.npy", np.zeros(len(sources), dtype=np.uint8))
-        write_json(partial / "plan.json", plan)
-    layout = Layout.from_json(plan["layout"])
+        needed = len(sources) * layout.n_features * np.dtype(opts.dtype).itemsize
+        check_free_space(out, needed, "the matrix")
+        try:
+            partial.mkdir(parents=True)
+            _allocate(partial / f"matrix-{plan['token']}.npy", len(sources), layout.n_features, opts.dtype)
+            np.save(partial / "done.npy", np.zeros(len(sources), dtype=np.uint8))
+            write_json(partial / "plan.json", plan)
+        except BaseException:
+            _remove_partial(partial)  # nothing was done yet: nothing for a resume to keep
+            raise
+    layout = Layout.from_json(plan["layout"], partial / "plan.json")
     return _build(
         out, partial, plan, layout, sources, old, opts, skip_bad, workers, rehash, progress, path_list, executor
     )
+
+
+LOCK_FILE = ".wsa.lock"
+
+
+@contextlib.contextmanager
+def store_lock(out: Path) -> Iterator[None]:
+    """Hold ``<out>/.wsa.lock`` (``flock``, exclusive, non-blocking) for a whole ingest.
+
+    Why: two ingests into one folder would interleave their ``.partial/`` builds and manifests; the second
+    one fails at once instead, saying so. The lock goes with the process (a ``kill -9`` releases it).
+    """
+    import fcntl
+
+    path = out / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise StoreError(f"cannot create the lock file {LOCK_FILE} ({exc.strerror or exc})", out) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(
+                "another `wsa ingest` is writing this store (it holds .wsa.lock); wait for it to finish", out
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"cannot lock {LOCK_FILE} ({exc.strerror or exc})", out) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse before writing ``needed`` bytes into ``folder`` when its file system has less free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # no figure to check against: the write itself reports a full disk
+    if needed > free:
+        raise StoreError(
+            f"not enough free disk space for {what}: needs {_size(needed)}, {_size(free)} free; "
+            "free some space or choose another --out",
+            folder,
+        )
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= factor:
+            return f"{n / factor:.2f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+@contextlib.contextmanager
+def _os_errors_as_store_errors(out: Path) -> Iterator[None]:
+    """A write that fails (full disk, no permission, a path that vanished) becomes one line naming the path."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else out
+        why = exc.strerror or str(exc) or type(exc).__name__
+        hint = {
+            errno.ENOSPC: "; free some space and run the same `wsa ingest` again to resume",
+            errno.EDQUOT: "; free some space and run the same `wsa ingest` again to resume",
+            errno.EACCES: "; check the permissions, or choose another --out",
+            errno.EPERM: "; check the permissions, or choose another --out",
+            errno.EROFS: "; choose another --out",
+            errno.ENOENT: "; a file or folder vanished during the ingest: run it again",
+        }.get(exc.errno or 0, "")
+        raise StoreError(f"{why} (during ingest into {out}){hint}", where) from None
+
+
+def _remove_partial(partial: Path) -> None:
+    """Remove ``.partial/`` (only the link when it is a symlink: never what it points at)."""
+    if partial.is_symlink() or partial.is_file():
+        partial.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _select_family(
@@ -350,28 +469,44 @@ def _unchanged(old: Store, config: dict, sources: list[Source]) -> bool:
 
 def _load_plan(partial: Path, config: dict, sources: list[Source]) -> dict | None:
     """An unfinished build of the same options and inputs, if there is one to resume."""
+    if partial.is_symlink() or not partial.is_dir():
+        return None
     try:
         plan = json.loads((partial / "plan.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
+    if not isinstance(plan, dict) or not isinstance(plan.get("token"), str) or not _TOKEN.fullmatch(plan["token"]):
+        return None  # not a plan this wsa wrote: start over (the matrix name is built from the token)
     same = plan.get("config") == config and plan.get("ids") == [s.id for s in sources]
     same = same and plan.get("fingerprints") == [s.fingerprint() for s in sources]
-    if not same or not (partial / f"matrix-{plan['token']}.npy").is_file():
+    matrix = partial / f"matrix-{plan['token']}.npy"
+    if not same or matrix.is_symlink() or not matrix.is_file():
+        return None
+    try:
+        Layout.from_json(plan.get("layout"), partial / "plan.json")
+        done = np.load(partial / "done.npy")
+    except (WsaError, OSError, ValueError):
+        return None
+    if done.shape != (len(sources),) or done.dtype != np.uint8:
         return None
     return plan
+
+
+_TOKEN = re.compile(r"[0-9a-f]{8,64}")
 
 
 def _read_rows_journal(path: Path, done: np.ndarray) -> dict[int, dict]:
     facts: dict[int, dict] = {}
     if not path.is_file():
         return facts
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # a line cut by a crash
-        if done[entry["i"]]:
-            facts[entry["i"]] = entry
+        i = entry.get("i") if isinstance(entry, dict) else None
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(done) and done[i]:
+            facts[i] = entry
     return facts
 
 
@@ -407,7 +542,13 @@ def _build(
     def record(i: int, entry: dict, row: np.ndarray | None) -> None:
         nonlocal last_checkpoint
         if row is not None:
-            os.pwrite(fd, np.ascontiguousarray(row, dtype=opts.dtype).tobytes(), offset + i * row_bytes)
+            with np.errstate(over="ignore", invalid="ignore"):
+                data = np.ascontiguousarray(row, dtype=opts.dtype)
+            if not np.isfinite(data).all():  # never written: the file is a problem, named with its module
+                entry = {k: entry[k] for k in ("id", "source", "files", "row") if k in entry}
+                entry["problem"] = non_finite_reason(row, data, layout, opts.dtype)
+            else:
+                os.pwrite(fd, data.tobytes(), offset + i * row_bytes)
         entry["i"] = i
         journal.write(json.dumps(entry, sort_keys=True) + "\n")
         facts[i] = entry
@@ -454,6 +595,22 @@ def _build(
         old,
         path_list,
     )
+
+
+def non_finite_reason(row: np.ndarray, stored: np.ndarray, layout: Layout, dtype: str) -> str:
+    """Why a row cannot be stored: the first module with a NaN/Inf value, and where it came from."""
+    bad = int(np.flatnonzero(~np.isfinite(stored))[0])
+    starts = [m.offset for m in layout.modules]
+    module = layout.modules[max(0, bisect.bisect_right(starts, bad) - 1)]
+    values = np.asarray(row[module.columns], dtype=np.float32)
+    if np.isfinite(values).all():
+        biggest = float(np.abs(values).max())
+        return (
+            f"module {module.name!r}: a value of magnitude {biggest:.4g} overflows {dtype} "
+            f"(largest {float(np.finfo(dtype).max):.6g}); ingest with --dtype float32"
+        )
+    hint = " (the dense ΔW overflows float32)" if layout.repr == "delta" else ""
+    return f"module {module.name!r}: its {layout.repr} values are not finite (NaN or Inf){hint}; not stored"
 
 
 def _reuse_old_rows(
@@ -508,8 +665,9 @@ def _encode_source_general(
 
     ``strict`` (``--modules exact``): a module the layout lacks is a mismatch, never dropped silently.
     """
-    base = {"id": src.id, "source": str(src.path), "files": src.fingerprint(), "row": src.row}
+    base = {"id": src.id, "source": str(src.path), "files": [], "row": src.row}
     try:
+        base["files"] = src.fingerprint()
         with forced_family(family):
             adapter = src.load()
         if strict:
@@ -526,6 +684,8 @@ def _encode_source_general(
         return {**base, "problem": str(exc)}, None
     except WsaError as exc:
         return {**base, "problem": str(exc).removeprefix(f"{src.path}: ")}, None
+    except OSError as exc:  # vanished or unreadable since discovery: this file's problem, not the run's
+        return {**base, "problem": f"cannot read ({exc.strerror or exc})"}, None
     facts = {
         **base,
         "sha256": _hash_files(src.files) if src.row is None else f"row:{src.row}",
@@ -620,14 +780,19 @@ def _finalize(
     if len(good) == len(sources):
         os.replace(matrix_path, final_matrix)
     else:  # compact: stream the good rows into a matrix without the holes
-        dst_offset = _allocate(final_matrix, len(good), layout.n_features, opts.dtype)
-        with matrix_path.open("rb") as src_fh, final_matrix.open("r+b") as dst_fh:
-            for k, i in enumerate(good):
-                src_fh.seek(offset + i * row_bytes)
-                dst_fh.seek(dst_offset + k * row_bytes)
-                dst_fh.write(src_fh.read(row_bytes))
-            dst_fh.flush()
-            os.fsync(dst_fh.fileno())
+        check_free_space(out, len(good) * row_bytes, "the compacted matrix")
+        try:
+            dst_offset = _allocate(final_matrix, len(good), layout.n_features, opts.dtype)
+            with matrix_path.open("rb") as src_fh, final_matrix.open("r+b") as dst_fh:
+                for k, i in enumerate(good):
+                    src_fh.seek(offset + i * row_bytes)
+                    dst_fh.seek(dst_offset + k * row_bytes)
+                    dst_fh.write(src_fh.read(row_bytes))
+                dst_fh.flush()
+                os.fsync(dst_fh.fileno())
+        except BaseException:
+            final_matrix.unlink(missing_ok=True)  # half written; .partial/ keeps what a resume needs
+            raise
     rows = [{k: v for k, v in facts[i].items() if k != "i"} for i in good]
     manifest = {
         "wsa_format_version": FORMAT_VERSION,
@@ -647,6 +812,20 @@ def _finalize(
     }
     write_json(out / MANIFEST, manifest)
     if old is not None and old.matrix_path != final_matrix:
-        old.matrix_path.unlink(missing_ok=True)
-    shutil.rmtree(partial, ignore_errors=True)
+        _remove_old_matrix(old.matrix_path, out)
+    _remove_partial(partial)
     return Store(out)
+
+
+def _remove_old_matrix(path: Path, out: Path) -> None:
+    """Delete the previous build's matrix, only if it is a plain ``matrix-*.npy`` entry of the store folder.
+
+    The name comes from the old manifest, which is input: whatever it says, nothing outside ``out`` goes.
+    """
+    try:
+        st = os.lstat(path)
+        inside = path.parent.resolve() == out.resolve() and is_matrix_name(path.name)
+    except (OSError, RuntimeError):
+        return
+    if inside and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        path.unlink(missing_ok=True)  # a symlink: the link itself, inside out/, never its target

@@ -16,6 +16,7 @@ so datasets go through the same ingest (and representations) as files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from functools import partial
@@ -27,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from wsa.adapter import Adapter
-from wsa.errors import FormatError
+from wsa.errors import ConfigError, FormatError
 from wsa.formats._modules import build_module, make_adapter, split_keys
 from wsa.formats._prefixed import LORA_SUFFIXES
 from wsa.formats._tensorfile import check_finite
@@ -135,8 +136,38 @@ def _row_adapter(matrix: _Matrix, layout: list[tuple[str, tuple[int, ...]]], gro
     modules = {}
     for raw, parts in groups.items():
         name = _module_name(raw)
-        modules[name] = build_module(name, {p: tensors[k] for p, k in parts.items()}, alpha=alpha, path=matrix.path)
+        mod = build_module(name, {p: tensors[k] for p, k in parts.items()}, alpha=alpha, path=matrix.path)
+        if alpha == 0 and mod.rank:  # PEFT: scaling = lora_alpha / r = 0 (the shared rule reads 0 as "rank")
+            mod = dataclasses.replace(mod, alpha=0.0, scale=0.0)
+        modules[name] = mod
     return make_adapter(f"{matrix.path}#{i}", "w2w-dataset", modules, {})
+
+
+def _config_alpha(config: Path) -> float | None:
+    """``lora_alpha`` of a dataset's ``adapter_config.json`` (None: absent, alpha = rank), checked finite.
+
+    ``lora_alpha: 0`` is scale 0, as PEFT computes it (``lora_alpha / r``), not kohya's "0 means rank".
+    """
+    try:
+        data = json.loads(config.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise FormatError(f"cannot read ({exc.strerror or exc})", config) from None
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})", config) from None
+    if not isinstance(data, dict):
+        raise FormatError(f"is a JSON {type(data).__name__}, expected an object", config)
+    for key in ("lora_alpha", "r"):
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FormatError(f"{key} is {value!r:.60}, expected a finite number", config)
+        if value < 0 or (key == "r" and (value != int(value) or value == 0)):
+            raise FormatError(
+                f"{key} is {value!r}, expected a {'positive integer' if key == 'r' else 'number >= 0'}", config
+            )
+    alpha = data.get("lora_alpha")
+    return None if alpha is None else float(alpha)
 
 
 def dataset_sources(
@@ -159,10 +190,14 @@ def dataset_sources(
             f"layout {layout_path.name} covers {width} columns but the matrix has {m.shape[1]}", matrix_path
         )
     groups = split_keys([k for k, _ in keys], LAYOUT_SUFFIXES, layout_path)
+    if alpha is not None and (
+        isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)
+    ):
+        raise ConfigError(f"--alpha must be a finite number; got {alpha!r}")
     if alpha is None:
         config = layout_path.parent / "adapter_config.json"
         if config.is_file():
-            alpha = float(json.loads(config.read_text()).get("lora_alpha", 0)) or None
+            alpha = _config_alpha(config)
     n = m.shape[0]
     if ids is None:
         width_id = len(str(n - 1))

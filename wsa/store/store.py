@@ -14,7 +14,10 @@ Format (version 1), all in one folder:
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -25,7 +28,7 @@ import numpy as np
 
 from wsa.adapter import Adapter
 from wsa.errors import StoreError
-from wsa.store.layout import Layout
+from wsa.store.layout import REPRESENTATIONS, Layout
 from wsa.store.representations import decode
 
 FORMAT_VERSION = 1
@@ -35,7 +38,11 @@ MANIFEST = "wsa_store.json"
 
 
 class Store:
-    """A built collection. ``matrix`` is read-only and memory-mapped; nothing is loaded eagerly."""
+    """A built collection. ``matrix`` is read-only and memory-mapped; nothing is loaded eagerly.
+
+    The manifest is input like any other file: it is validated whole on open (:func:`validate_manifest`),
+    and the matrix it names must be a plain ``matrix-*.npy`` file inside the store folder.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -48,16 +55,13 @@ class Store:
             )
             raise StoreError(f"not a wsa store (no {MANIFEST}){hint}", self.path)
         try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except ValueError as exc:
-            raise StoreError(f"{MANIFEST} is not valid JSON ({exc})", self.path) from None
-        version = self.manifest.get("wsa_format_version")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"store format version {version!r}; this wsa reads version {FORMAT_VERSION}", self.path)
-
-    @cached_property
-    def layout(self) -> Layout:
-        return Layout.from_json(self.manifest["layout"])
+            text = manifest_path.read_bytes().decode("utf-8")
+            self.manifest: dict[str, Any] = json.loads(text)
+        except OSError as exc:
+            raise StoreError(f"cannot read {MANIFEST} ({exc.strerror or exc})", self.path) from None
+        except (ValueError, RecursionError) as exc:
+            raise StoreError(f"{MANIFEST} is not valid JSON ({_first_line(exc)})", self.path) from None
+        self.layout: Layout = validate_manifest(self.manifest, self.path)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -83,15 +87,40 @@ class Store:
     def matrix_path(self) -> Path:
         return self.path / self.manifest["matrix"]
 
+    def _checked_matrix_path(self) -> Path:
+        """The matrix file, if it is a regular file inside the store (a FIFO or device would block readers)."""
+        path = self.matrix_path
+        name = self.manifest["matrix"]
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise StoreError(f"cannot open matrix file {name!r} ({exc.strerror or exc})", self.path) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(
+                f"matrix file {name!r} is not a regular file; the store is damaged (rebuild it)", self.path
+            )
+        if not _inside(path, self.path):
+            raise StoreError(f"matrix file {name!r} resolves outside the store folder; refusing it", self.path)
+        return path
+
     @cached_property
     def matrix(self) -> np.ndarray:
         """N × D, memory-mapped read-only (float32, or float16 if the store was built so)."""
+        path = self._checked_matrix_path()
         try:
-            mm = np.load(self.matrix_path, mmap_mode="r")
+            mm = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot open matrix file {self.manifest['matrix']} ({exc})", self.path) from None
+            raise StoreError(
+                f"cannot open matrix file {self.manifest['matrix']} ({_first_line(exc)})", self.path
+            ) from None
         if mm.shape != (len(self.ids), self.n_features):
             raise StoreError(f"matrix shape {mm.shape} does not match the manifest", self.path)
+        if mm.dtype != np.dtype(self.manifest["dtype"]) or (mm.ndim == 2 and not mm.flags.c_contiguous):
+            raise StoreError(
+                f"matrix file is {mm.dtype} {'C' if mm.flags.c_contiguous else 'Fortran'} order; the manifest "
+                f"says {self.manifest['dtype']} (C order); the store is damaged (rebuild it)",
+                self.path,
+            )
         return mm
 
     def __len__(self) -> int:
@@ -132,18 +161,25 @@ class Store:
         idx = np.asarray(rows, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise StoreError(f"row index out of range (store has {len(self)} rows)", self.path)
-        fd = os.open(self.matrix_path, os.O_RDONLY)
+        matrix_path = self._checked_matrix_path()
+        data_offset = self._data_offset
+        try:
+            fd = os.open(matrix_path, os.O_RDONLY)
+        except OSError as exc:
+            raise StoreError(f"cannot open matrix file ({exc.strerror or exc})", matrix_path) from None
         try:
             k = 0
             while k < len(idx):
                 run = 1
                 while k + run < len(idx) and idx[k + run] == idx[k] + run:
                     run += 1
-                offset = self._data_offset + int(idx[k]) * row_bytes
+                offset = data_offset + int(idx[k]) * row_bytes
                 if dtype == np.float32:  # straight into the result: one copy, not two
-                    _pread_into(fd, memoryview(out[k : k + run]).cast("B"), offset, self.matrix_path)
+                    _pread_into(fd, memoryview(out[k : k + run]).cast("B"), offset, matrix_path)
                 else:
                     data = os.pread(fd, run * row_bytes, offset)
+                    if len(data) != run * row_bytes:
+                        raise StoreError(f"matrix file ends early (wanted {run * row_bytes} bytes)", matrix_path)
                     out[k : k + run] = np.frombuffer(data, dtype=dtype).reshape(run, self.n_features)
                 k += run
         finally:
@@ -152,10 +188,26 @@ class Store:
 
     @cached_property
     def _data_offset(self) -> int:
-        with self.matrix_path.open("rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
-            return fh.tell()
+        """Where the rows start in the matrix file, after its header is checked against the manifest."""
+        path = self._checked_matrix_path()
+        try:
+            with path.open("rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                reader = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = reader(fh)
+                offset = fh.tell()
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"matrix file header cannot be read ({_first_line(exc)})", path) from None
+        want = (len(self.ids), self.n_features)
+        if tuple(shape) != want or fortran or dtype != np.dtype(self.manifest["dtype"]):
+            raise StoreError(
+                f"matrix header says {dtype} {tuple(shape)}{' Fortran order' if fortran else ''}; the manifest says "
+                f"{self.manifest['dtype']} {want}; the store is damaged (rebuild it)",
+                path,
+            )
+        return offset
 
     def iter_blocks(self, block_rows: int = 1024, rows: Sequence[int] | None = None):
         """Yield ``(start, float32 block)`` over the matrix in bounded memory (for streaming solvers).
@@ -198,6 +250,130 @@ def _pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
         if got == 0:
             raise StoreError(f"matrix file ends early (wanted {len(buffer)} bytes at offset {offset})", path)
         done += got
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) is directly inside ``folder``."""
+    try:
+        return path.resolve().parent == folder.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def is_matrix_name(name: object) -> bool:
+    """A bare ``matrix-*.npy`` file name: no folder part, no ``..``, no NUL, nothing a path could escape with."""
+    return (
+        isinstance(name, str)
+        and _MATRIX_NAME.fullmatch(name) is not None
+        and ".." not in name
+        and "/" not in name
+        and "\\" not in name
+    )
+
+
+_MATRIX_NAME = re.compile(r"matrix-[A-Za-z0-9_.-]{1,128}\.npy")
+_DTYPES = ("float32", "float16")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_manifest(manifest: Any, where: str | Path) -> Layout:
+    """Check every key of a store manifest the code reads; returns its layout.
+
+    Each failure is one :class:`StoreError` naming the store and the key. Checked: a JSON object; the format
+    version; ``repr``/``dtype`` among the known ones; ``n_rows``/``n_features`` non-negative integers matching
+    the rows and the layout; ``matrix`` a bare ``matrix-*.npy`` name; the layout (:meth:`Layout.from_json`);
+    ``rows`` objects with a unique non-empty string ``id`` and well-typed facts; ``problems``/``left_out``.
+    """
+
+    def fail(key: str, problem: str) -> StoreError:
+        return StoreError(
+            f"{MANIFEST} key {key!r}: {problem}; the manifest was edited or damaged (rebuild the store)", where
+        )
+
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{MANIFEST} is {type(manifest).__name__}, expected a JSON object", where)
+    version = manifest.get("wsa_format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise StoreError(f"store format version {version!r}; this wsa reads version {FORMAT_VERSION}", where)
+    for key in ("repr", "dtype", "n_rows", "n_features", "matrix", "layout", "rows"):
+        if key not in manifest:
+            raise fail(key, "is missing")
+    if manifest["repr"] not in REPRESENTATIONS:
+        raise fail("repr", f"is {manifest['repr']!r}, expected one of {', '.join(REPRESENTATIONS)}")
+    if manifest["dtype"] not in _DTYPES:
+        raise fail("dtype", f"is {manifest['dtype']!r}, expected one of {', '.join(_DTYPES)}")
+    for key in ("n_rows", "n_features"):
+        if not _is_int(manifest[key]) or manifest[key] < 0:
+            raise fail(key, f"is {manifest[key]!r}, expected a non-negative integer")
+    if not is_matrix_name(manifest["matrix"]):
+        raise fail("matrix", f"is {manifest['matrix']!r}, expected a file name matrix-<token>.npy inside the store")
+    layout = Layout.from_json(manifest["layout"], where, key="layout", file=MANIFEST)
+    if layout.repr != manifest["repr"]:
+        raise fail("layout", f"repr {layout.repr!r} differs from the store's {manifest['repr']!r}")
+    if layout.n_features != manifest["n_features"]:
+        raise fail("n_features", f"is {manifest['n_features']}, but the layout has {layout.n_features} columns")
+    rows = manifest["rows"]
+    if not isinstance(rows, list):
+        raise fail("rows", f"is {type(rows).__name__}, expected a list")
+    if len(rows) != manifest["n_rows"]:
+        raise fail("n_rows", f"is {manifest['n_rows']}, but there are {len(rows)} rows")
+    seen: set[str] = set()
+    for i, row in enumerate(rows):
+        _check_row(row, i, seen, fail)
+    for key in ("problems", "left_out"):
+        value = manifest.get(key, [])
+        if not isinstance(value, list) or not all(
+            isinstance(p, dict) and isinstance(p.get("source"), str) and isinstance(p.get("reason"), str) for p in value
+        ):
+            raise fail(key, "expected a list of {source, reason} strings")
+    for key, kind in (("config", dict), ("family", str), ("inputs", list)):
+        if key in manifest and not isinstance(manifest[key], kind):
+            raise fail(key, f"is {type(manifest[key]).__name__}, expected {kind.__name__}")
+    return layout
+
+
+def _check_row(row: Any, i: int, seen: set[str], fail) -> None:
+    at = f"rows[{i}]"
+    if not isinstance(row, dict):
+        raise fail(at, f"is {type(row).__name__}, expected an object")
+    rid = row.get("id")
+    if not isinstance(rid, str) or not rid or "\x00" in rid:
+        raise fail(f"{at}.id", f"is {rid!r}, expected a non-empty string")
+    if rid in seen:
+        raise fail(f"{at}.id", f"{rid!r} appears twice (ids must be unique)")
+    seen.add(rid)
+    for key, ok, want in (
+        ("source", lambda v: isinstance(v, str), "a string"),
+        ("files", lambda v: isinstance(v, list), "a list"),
+        ("sha256", lambda v: isinstance(v, str), "a string"),
+        ("format", lambda v: isinstance(v, str), "a string"),
+        ("kinds", lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v), "a list of strings"),
+    ):
+        if key not in row:
+            raise fail(f"{at}.{key}", "is missing")
+        if not ok(row[key]):
+            raise fail(f"{at}.{key}", f"is {row[key]!r:.80}, expected {want}")
+    for key, ok, want in (
+        ("family", lambda v: v is None or isinstance(v, str), "a string or null"),
+        ("row", lambda v: v is None or (_is_int(v) and v >= 0), "a non-negative integer or null"),
+        ("training", lambda v: isinstance(v, dict), "an object"),
+        ("n_params", lambda v: _is_int(v) and v >= 0, "a non-negative integer"),
+        (
+            "delta_norm",
+            lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+            "a finite number or null",
+        ),
+    ):
+        if key in row and not ok(row[key]):
+            raise fail(f"{at}.{key}", f"is {row[key]!r:.80}, expected {want}")
 
 
 def open_store(path: str | Path) -> Store:
