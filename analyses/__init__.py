@@ -10,7 +10,16 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, NotFittedError, Result, Table
+from wsa.analyses.base import (
+    AnalysisContext,
+    Analyzer,
+    Figure,
+    Metric,
+    NotFittedError,
+    Result,
+    SkipAnalysis,
+    Table,
+)
 from wsa.errors import ConfigError
 from wsa.registry import Registry
 
@@ -71,6 +80,7 @@ __all__ = [
     "Metric",
     "NotFittedError",
     "Result",
+    "SkipAnalysis",
     "Table",
     "available_analyzers",
     "get_analyzer",

@@ -11,6 +11,10 @@ import base64
 import inspect
 import io
 import math
+import numbers
+import reprlib
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,79 @@ if TYPE_CHECKING:  # pragma: no cover
 
 class NotFittedError(WsaError):
     """``result()`` or a transform was called before ``fit``."""
+
+
+class SkipAnalysis(WsaError):
+    """The collection cannot support this analyzer (too few adapters, no variance): skip it, with this reason.
+
+    ``wsa analyze`` shows the reason in the report (an alert and a short section) and runs the others.
+    """
+
+
+#: Largest int an analyzer parameter or run option may take: counts and seeds beyond it are typos.
+MAX_INT = 2**31 - 1
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr`` bounded in depth and length: config values may be nested or huge."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 3, limit, limit, 6, 6
+    try:
+        return r.repr(value)[: limit * 2]
+    except (RecursionError, ValueError):  # pragma: no cover - reprlib bounds depth already
+        return f"<{type(value).__name__}>"
+
+
+def type_problem(value: Any, hint: Any) -> str | None:
+    """``None`` when ``value`` fits the annotation ``hint``, else what was expected (for a message).
+
+    Lenient where TOML and Python differ: lists stand for tuples, any integral number for ``int`` (not
+    ``bool``), any finite real for ``float``. Ints must lie within ±:data:`MAX_INT`; floats must be finite.
+    """
+    if hint is Any or hint is inspect.Parameter.empty:
+        return None
+    if hint is type(None) or hint is None:
+        return None if value is None else "None"
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        options = typing.get_args(hint)
+        problems = [type_problem(value, h) for h in options]
+        if any(p is None for p in problems):
+            return None
+        return ", or ".join(dict.fromkeys(p for p in problems if p))
+    if hint is bool:
+        return None if isinstance(value, (bool, np.bool_)) else "true or false"
+    if hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)):
+            return None if abs(int(value)) <= MAX_INT else f"an int within ±{MAX_INT}"
+        return "an int"
+    if hint is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+            if isinstance(value, numbers.Integral) and abs(int(value)) > 2**53:
+                return "a finite number"
+            return None if math.isfinite(float(value)) else "a finite number"
+        return "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin in (list, tuple, typing.Sequence, Sequence):
+        if not isinstance(value, (list, tuple)):
+            return "a list"
+        args = typing.get_args(hint)
+        if origin is tuple and args and (len(args) != 2 or args[1] is not Ellipsis):
+            if len(value) != len(args):
+                return f"a list of {len(args)} items"
+            items = list(zip(value, args, strict=True))
+        else:
+            item = args[0] if args else Any
+            items = [(v, item) for v in value]
+        for v, h in items:
+            problem = type_problem(v, h)
+            if problem is not None:
+                return f"a list whose items are {problem}"
+        return None
+    if origin is dict or hint is dict:
+        return None if isinstance(value, Mapping) else "a table"
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,8 +150,8 @@ class Table:
         return {
             "name": self.name,
             "caption": self.caption,
-            "columns": list(self.columns),
-            "rows": [list(r) for r in self.rows],
+            "columns": [str(c) for c in self.columns],
+            "rows": [_clean(list(r)) for r in self.rows],
         }
 
 
@@ -208,11 +285,39 @@ class Analyzer:
             setattr(self, key, value)
         return self
 
+    @classmethod
+    def _param_hints(cls) -> dict[str, Any]:
+        try:
+            return typing.get_type_hints(cls.__init__)
+        except Exception:  # a plug-in's annotations that do not resolve: no type checks, constraints still apply
+            return {}
+
     def _validate_params(self) -> None:
+        """Type-check every parameter against its annotation, then apply ``_parameter_constraints``.
+
+        Raises
+        ------
+        ConfigError
+            One line naming the analyzer, the parameter, what it must be and (briefly) what it was.
+        """
+        hints = self._param_hints()
+        for key in self._param_names():
+            value = getattr(self, key)
+            problem = type_problem(value, hints.get(key, Any))
+            if problem is not None:
+                raise ConfigError(
+                    f"The {key!r} parameter of {self.name} must be {problem}; got {short_repr(value)} instead."
+                )
         for key, (check, description) in self._parameter_constraints.items():
             value = getattr(self, key)
-            if not check(value):
-                raise ConfigError(f"The {key!r} parameter of {self.name} must be {description}; got {value!r} instead.")
+            try:
+                ok = bool(check(value))
+            except (TypeError, ValueError, OverflowError, AttributeError):
+                ok = False
+            if not ok:
+                raise ConfigError(
+                    f"The {key!r} parameter of {self.name} must be {description}; got {short_repr(value)} instead."
+                )
 
     def fit(self, ctx: AnalysisContext) -> Analyzer:
         raise NotImplementedError

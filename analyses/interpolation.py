@@ -19,7 +19,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from wsa.analyses import register_analyzer
-from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
+from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
 from wsa.labels import describe_attributes
 from wsa.sampling import interpolate_pc, interpolate_weights, probe_scores
@@ -120,7 +120,7 @@ class Interpolation(Analyzer):
         z = np.asarray(space.coefficients, dtype=np.float64)
         ids = [str(i) for i in space.ids]
         if len(ids) < 2:
-            raise ConfigError(f"interpolation needs at least 2 fitted models; the space has {len(ids)}")
+            raise SkipAnalysis(f"interpolation needs at least 2 adapters; the space has {len(ids)}")
         index = {i: n for n, i in enumerate(ids)}
         probes = ctx.artifacts.get("probes") or None
         notes: list[str] = []

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from wsa.analyses import register_analyzer
-from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
+from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
 
 METHODS = ("pca", "umap", "tsne")
@@ -171,7 +171,7 @@ class Manifold(Analyzer):
         coefs = np.asarray(space.coefficients, dtype=np.float64)
         n_all = len(coefs)
         if n_all < 5:
-            raise ConfigError(f"manifold needs at least 5 models; the space has {n_all}")
+            raise SkipAnalysis(f"manifold needs at least 5 adapters; the space has {n_all}")
         k = min(int(self.n_components), coefs.shape[1])
         rng = np.random.default_rng(ctx.random_state)
         rows = np.arange(n_all)

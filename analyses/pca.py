@@ -7,12 +7,23 @@ the sample (w2w, Sec. 3).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import numpy as np
 
 from wsa.analyses import register_analyzer
-from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, fraction
+from wsa.analyses.base import (
+    AnalysisContext,
+    Analyzer,
+    Figure,
+    Metric,
+    Result,
+    SkipAnalysis,
+    Table,
+    fraction,
+    positive_int,
+)
 
 
 def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: int = 2048) -> np.ndarray:
@@ -33,6 +44,33 @@ def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: i
         return np.clip(1.0 - kept / total, 0.0, 1.0)
 
 
+#: Why every analyzer is skipped on a collection of identical adapters.
+NO_VARIANCE = "all adapters are identical: no variance to analyse"
+
+
+def has_variance(space: Any) -> bool:
+    """Is there anything to analyse: a finite, positive total variance that is not float rounding of zero?
+
+    Ten copies of one adapter give a total variance of exactly 0 (or ~1e-14 of ‖mean‖² from rounding);
+    every ratio would then be 0/0.
+    """
+    total = float(getattr(space, "total_variance", 0.0))
+    if not math.isfinite(total) or total <= 0:
+        return False
+    explained = np.asarray(getattr(space, "explained_variance", ()), dtype=np.float64)
+    if explained.size and not (np.isfinite(explained).all() and explained.max() > 0):
+        return False
+    mean = getattr(space, "mean", None)
+    if mean is not None and getattr(space, "explicit", True):
+        n = max(int(getattr(space, "n_samples", 2)) - 1, 1)
+        scale = np.asarray(getattr(space, "scale", 1.0), dtype=np.float64)
+        norm = float(np.sum((np.asarray(mean, dtype=np.float64) / scale) ** 2))
+        # x − mean of identical float32 rows is 0 up to a few ulp: ~1e-13·‖mean‖² in all
+        if norm > 0 and total * n <= 1e-10 * norm:
+            return False
+    return True
+
+
 @register_analyzer
 class PCA(Analyzer):
     name: ClassVar[str] = "pca"
@@ -47,6 +85,7 @@ class PCA(Analyzer):
             lambda v: v is None or (len(v) > 0 and all(int(k) > 0 for k in v)),
             "None or a list of positive ints",
         ),
+        "eval_k": (lambda v: v is None or positive_int(v), "None or a positive int"),
     }
 
     def __init__(
@@ -61,6 +100,8 @@ class PCA(Analyzer):
 
         self._validate_params()
         space = ctx.space
+        if not has_variance(space):
+            raise SkipAnalysis(NO_VARIANCE)
         self.k_ = int(space.n_components)
         self.ratio_ = np.asarray(space.explained_variance_ratio, dtype=np.float64)
         self.cumulative_ = np.cumsum(self.ratio_)

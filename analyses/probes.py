@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from wsa.analyses import register_analyzer
-from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table
+from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table
 from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, StoreError
 from wsa.labels import AttributeInfo, describe_attributes
@@ -210,7 +210,7 @@ class Probes(Analyzer):
                 )
             fits[attr] = fit
         if not fits:
-            raise ConfigError(
+            raise SkipAnalysis(
                 "no attribute could be probed ("
                 + "; ".join(f"{a}: {r}" for a, r in skipped.items())
                 + "); check the label table"

@@ -6,10 +6,13 @@ exactly what produced it (command, resolved config, versions, input fingerprint,
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import platform
+import re
 import sys
 import time
+import typing
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -17,10 +20,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from wsa.analyses import AnalysisContext, Result, available_analyzers, get_analyzer
+from wsa.analyses.base import MAX_INT, SkipAnalysis, short_repr, type_problem
 from wsa.errors import ConfigError, FormatError
 from wsa.store import Store, ingest, open_store
 from wsa.store.store import MANIFEST
+from wsa.text import terminal_safe
 
 
 @dataclass
@@ -49,29 +56,199 @@ class AnalyzeConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> AnalyzeConfig:
-        """From a parsed TOML document: an ``[analyze]`` table plus one table per analyzer."""
-        known = {f.name for f in fields(cls)} - {"analyzer_params"}
-        run = dict(data.get("analyze", {}))
-        unknown = set(run) - known
+        """From a parsed TOML document: an ``[analyze]`` table plus one table per analyzer.
+
+        Everything is checked here, before any work, and each problem is one :class:`ConfigError` line
+        naming ``source`` and the key: unknown keys (with the valid names), types (ints within range,
+        finite numbers, lists of strings), choices, and every analyzer table against that analyzer's
+        parameters. ``analyzers`` may be a list of names or one comma-separated string
+        (``analyzers = "pca"`` is the analyzer ``pca``, not ``p``, ``c``, ``a``).
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: a config is a table ([analyze] plus one table per analyzer)")
+        run_table = data.get("analyze", {})
+        if not isinstance(run_table, Mapping):
+            raise ConfigError(f"{source}: 'analyze' must be a [table] of run options")
+        run = dict(run_table)
+        known = [f.name for f in fields(cls) if f.name != "analyzer_params"]
+        unknown = sorted(str(k) for k in set(run) - set(known))
         if unknown:
-            raise ConfigError(f"{source}: unknown [analyze] keys {sorted(unknown)} (known: {sorted(known)})")
-        params = {k: dict(v) for k, v in data.items() if k != "analyze"}
-        for name, value in data.items():
-            if name != "analyze" and not isinstance(value, Mapping):
-                raise ConfigError(f"{source}: top-level key {name!r} must be a [table] of analyzer parameters")
+            names = ", ".join(terminal_safe(k, 60) for k in unknown[:5])
+            raise ConfigError(f"{source}: unknown [analyze] key(s) {names} (valid: {', '.join(sorted(known))})")
+        if "analyzers" in run:
+            run["analyzers"] = _analyzer_names(run["analyzers"], f"{source}: [analyze] analyzers")
+        hints = typing.get_type_hints(cls)
+        for key, value in run.items():
+            if key != "analyzers":
+                _check_option(key, value, hints[key], f"{source}: [analyze] {key}")
+        params: dict[str, dict[str, Any]] = {}
+        valid = available_analyzers()
+        for name, table in data.items():
+            if name == "analyze":
+                continue
+            if name not in valid:
+                raise ConfigError(
+                    f"{source}: [{terminal_safe(name, 60)}] is not an analyzer (tables: analyze, {', '.join(valid)})"
+                )
+            if not isinstance(table, Mapping):
+                raise ConfigError(f"{source}: {name} must be a [{name}] table of analyzer parameters")
+            analyzer = get_analyzer(name)()
+            try:
+                analyzer.set_params(**{str(k): v for k, v in table.items()})
+                analyzer._validate_params()
+            except ConfigError as exc:
+                raise ConfigError(f"{source}: [{name}] {exc}") from None
+            params[name] = dict(table)
         return cls(**run, analyzer_params=params)
+
+    def check(self, source: str = "options") -> None:
+        """Validate the run options as :meth:`from_mapping` does (for configs built in Python or by the CLI)."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "analyzers":
+                if value is not None:
+                    self.analyzers = _analyzer_names(value, f"{source}: analyzers")
+            elif f.name == "analyzer_params":
+                if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+                    raise ConfigError(f"{source}: analyzer_params must map analyzer names to tables of parameters")
+            else:
+                _check_option(f.name, value, hints[f.name], f"{source}: {f.name}")
+
+
+#: ``[analyze]`` options with a fixed set of values.
+_CHOICES = {
+    "solver": ("auto", "exact", "randomized", "streaming"),
+    "repr": ("raw", "canonical", "delta"),
+    "engine": ("local", "dask"),
+    "families": ("split", "refuse"),
+    "modules": ("exact", "intersect", "union"),
+}
+#: ``[analyze]`` integer options and their inclusive ranges.
+_INT_RANGES = {"n_components": (1, MAX_INT), "seed": (0, MAX_INT), "decode_steps": (1, 1000)}
+#: A config file larger than this is not a config (and would be slow to parse).
+MAX_CONFIG_BYTES = 1 << 20
+#: Deepest nesting of arrays/inline tables and longest dotted key a config may have (tomllib recurses
+#: per level and is quadratic in a dotted key's length).
+MAX_CONFIG_DEPTH = 32
+
+
+def _analyzer_names(value: Any, where: str) -> list[str]:
+    """A list of analyzer names, or one comma-separated string of them; each must be registered."""
+    if isinstance(value, str):
+        names = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = [v.strip() for v in value]
+    else:
+        raise ConfigError(
+            f"{where} must be a list of analyzer names or a comma-separated string; got {short_repr(value)}"
+        )
+    valid = available_analyzers()
+    bad = [n for n in names if n not in valid]
+    if not names or bad:
+        if not bad:
+            raise ConfigError(f"{where}: no names (valid: {', '.join(valid)})")
+        close = difflib.get_close_matches(bad[0], valid, n=1)
+        hint = f"; did you mean {close[0]!r}" if close else ""
+        shown = ", ".join(repr(terminal_safe(b, 60)) for b in bad[:5])
+        raise ConfigError(f"{where}: unknown analyzer {shown}{hint} (valid: {', '.join(valid)})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: an analyzer is named twice ({', '.join(names)})")
+    return names
+
+
+def _check_option(key: str, value: Any, hint: Any, where: str) -> None:
+    problem = type_problem(value, hint)
+    if problem is not None:
+        raise ConfigError(f"{where} must be {problem}; got {short_repr(value)}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise ConfigError(f"{where} must be one of {', '.join(_CHOICES[key])}; got {short_repr(value)}")
+    if key in _INT_RANGES:
+        low, high = _INT_RANGES[key]
+        if not low <= value <= high:
+            raise ConfigError(f"{where} must be an int in [{low}, {high}]; got {value}")
+    if key == "device" and not re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,3})?", value):
+        raise ConfigError(f"{where} must be auto, cpu, cuda or cuda:N; got {short_repr(value)}")
+
+
+def _toml_shape_problem(text: str) -> str | None:
+    """Nesting deeper than :data:`MAX_CONFIG_DEPTH` or a dotted key longer, found without parsing.
+
+    Scans outside strings and comments only, in one pass; ``None`` when the text is shaped like a config.
+    """
+    depth = dots = i = 0
+    n = len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"'":
+            triple = text.startswith(ch * 3, i)
+            quote = ch * 3 if triple else ch
+            i += len(quote)
+            while i < n:
+                if ch == '"' and text[i] == "\\":
+                    i += 2
+                    continue
+                if text.startswith(quote, i):
+                    i += len(quote)
+                    while triple and i < n and text[i] == ch:  # """"" ends a string with quotes in it
+                        i += 1
+                    break
+                if not triple and text[i] == "\n":
+                    break
+                i += 1
+            continue
+        if ch == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+            continue
+        if ch in "[{":
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                return f"arrays or tables nested more than {MAX_CONFIG_DEPTH} deep"
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+        if ch == ".":
+            dots += 1
+            if dots > MAX_CONFIG_DEPTH:
+                return f"a dotted key of more than {MAX_CONFIG_DEPTH} parts"
+        elif ch in "=,[]{}\n":
+            dots = 0
+        i += 1
+    return None
 
 
 def load_config(path: str | Path) -> AnalyzeConfig:
+    """Read and validate a TOML config; any problem is one :class:`ConfigError` line naming the file."""
     import tomllib
 
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,} bytes of TOML", path)
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError("no such config file", path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config ({exc.strerror or type(exc).__name__})", path) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"over {MAX_CONFIG_BYTES:,} bytes; a config is at most that", path)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start}); a config is a TOML file", path) from None
+    problem = _toml_shape_problem(text)
+    if problem is not None:
+        raise ConfigError(f"not a wsa config: {problem}", path)
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        raise ConfigError(f"not valid TOML ({terminal_safe(exc)})", path) from None
+    except RecursionError:
+        raise ConfigError("not a wsa config: nested too deeply", path) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # pragma: no cover - tomllib raises TOMLDecodeError
+        raise ConfigError(f"not valid TOML ({type(exc).__name__}: {terminal_safe(exc)})", path) from None
     return AnalyzeConfig.from_mapping(data, str(path))
 
 
@@ -199,14 +376,13 @@ def run_analysis(
     progress: bool = True,
 ) -> Path:
     """Run the configured analyzers on ``inputs`` and write the report folder ``out``; return index.html."""
+    from wsa.analyses.pca import NO_VARIANCE, has_variance
     from wsa.labels import is_metadata_spec, load_labels, metadata_labels
     from wsa.reports import write_report
-    from wsa.space import fit_space
 
     config = config or AnalyzeConfig()
+    config.check()
     out = Path(out)
-    if config.families not in ("split", "refuse"):
-        raise ConfigError(f"families must be 'split' or 'refuse'; got {config.families!r}")
     gram = uses_gram_route(inputs, config.repr)
     early_warnings: list[str] = []
     names = config.analyzers or [
@@ -247,7 +423,9 @@ def run_analysis(
         groups, problems = families_of_inputs(inputs, progress)
         if len(groups) > 1:
             if config.families == "refuse":
-                listing = "; ".join(f"{fam}: {len(p)} file(s), e.g. {p[0]}" for fam, p in groups.items())
+                listing = "; ".join(
+                    f"{fam}: {len(p)} file(s), e.g. {terminal_safe(p[0], 200)}" for fam, p in groups.items()
+                )
                 raise ConfigError(
                     f"the inputs hold {len(groups)} model families ({listing}); pass --family NAME for one, "
                     "or --families split for one space each"
@@ -267,37 +445,17 @@ def run_analysis(
             modules=config.modules,
         )
         timings["ingest"] = time.perf_counter() - t0
-        if len(store) < 3:
-            raise ConfigError(f"{store.path}: {len(store)} adapters; an analysis needs at least 3")
+        if len(store) < MIN_ADAPTERS:
+            raise ConfigError(
+                f"{len(store)} adapter(s); an analysis compares adapters and needs at least {MIN_ADAPTERS}", store.path
+            )
         k = min(config.n_components, len(store) - 1, store.n_features)
         t0 = time.perf_counter()
-        if gram:
-            from wsa.gram import fit_delta_gram
-            from wsa.space import _resolve_device
-
-            space = fit_delta_gram(store, k, device=str(_resolve_device(config.device)), progress=progress)
-        elif client is not None:
-            from wsa.dask_engine import fit_space_dask
-
-            space = fit_space_dask(
-                store,
-                k,
-                client=client,
-                center=config.center,
-                standardize=config.standardize,
-                random_state=config.seed,
-            )
-        else:
-            space = fit_space(
-                store,
-                k,
-                center=config.center,
-                standardize=config.standardize,
-                solver=config.solver,
-                random_state=config.seed,
-                device=config.device,
-                progress=progress,
-            )
+        try:
+            space = _fit(store, k, config, gram, client, progress)
+        except ConfigError:
+            _refuse_nonfinite_rows(store)  # names the rows when the data are the cause
+            raise
     space.save(out / "space")
     if space.explicit:
         _record_decoding(out / "space", store, config)
@@ -332,13 +490,24 @@ def run_analysis(
     )
     results: list[Result] = [collection_result(store)]
     warnings: list[str] = list(early_warnings)
+    no_variance = not has_variance(space)
+    if no_variance:  # one alert, and a section per analyzer saying it was skipped
+        warnings.append(f"{NO_VARIANCE}; every analyzer was skipped (check that the inputs are different adapters)")
     for analyzer in analyzers:
         if analyzer.requires_labels and labels is None:
             warnings.append(f"{analyzer.name}: skipped (needs --labels)")
             continue
         t0 = time.perf_counter()
-        analyzer.fit(ctx)
-        result = analyzer.result()
+        try:
+            if no_variance:
+                raise SkipAnalysis(NO_VARIANCE)
+            analyzer.fit(ctx)
+            result = analyzer.result()
+        except SkipAnalysis as exc:
+            if not no_variance:
+                warnings.append(f"{analyzer.name}: skipped ({exc})")
+            results.append(skipped_result(analyzer, str(exc)))
+            continue
         timings[analyzer.name] = time.perf_counter() - t0
         ctx.results[analyzer.name] = result
         results.append(result)
@@ -363,6 +532,74 @@ def run_analysis(
             "extra_ids": len(labels.attrs.get("extra_ids", [])),
         }
     return write_report(results, run_info, out)
+
+
+#: Fewest adapters ``wsa analyze`` accepts: one component needs two; analyzers that need more are skipped.
+MIN_ADAPTERS = 2
+
+
+def _fit(store: Store, k: int, config: AnalyzeConfig, gram: bool, client: Any, progress: bool) -> Any:
+    """The space: from factor Grams (``--repr delta``), on Dask, or in this process."""
+    if gram:
+        from wsa.gram import fit_delta_gram
+        from wsa.space import _resolve_device
+
+        return fit_delta_gram(store, k, device=str(_resolve_device(config.device)), progress=progress)
+    if client is not None:
+        from wsa.dask_engine import fit_space_dask
+
+        return fit_space_dask(
+            store, k, client=client, center=config.center, standardize=config.standardize, random_state=config.seed
+        )
+    from wsa.space import fit_space
+
+    return fit_space(
+        store,
+        k,
+        center=config.center,
+        standardize=config.standardize,
+        solver=config.solver,
+        random_state=config.seed,
+        device=config.device,
+        progress=progress,
+    )
+
+
+def nonfinite_rows(store: Store, block_rows: int = 256) -> list[str]:
+    """Ids of the rows holding NaN or ±Inf (one pass over the matrix)."""
+    bad: list[str] = []
+    ids = store.ids
+    for start, block in store.iter_blocks(block_rows):
+        finite = np.isfinite(np.asarray(block)).all(axis=1)
+        bad.extend(str(ids[start + i]) for i in np.flatnonzero(~finite))
+    return bad
+
+
+def _refuse_nonfinite_rows(store: Store) -> None:
+    """Raise a :class:`ConfigError` naming the non-finite rows, if there are any; else return."""
+    try:
+        bad = nonfinite_rows(store)
+    except Exception:  # the store itself is broken: the caller re-raises the original error
+        return
+    if bad:
+        shown = ", ".join(repr(terminal_safe(b, 80)) for b in bad[:5])
+        more = f", … ({len(bad)} in all)" if len(bad) > 5 else ""
+        raise ConfigError(
+            f"{len(bad)} adapter(s) hold NaN or Inf values: {shown}{more}; remove or re-export them and re-ingest",
+            store.path,
+        ) from None
+
+
+def skipped_result(analyzer: Any, reason: str) -> Result:
+    """A report section for an analyzer the collection cannot support, saying why."""
+    return Result(
+        analyzer.name,
+        analyzer.title or analyzer.name,
+        f"Skipped: {reason}.",
+        notes=(f"{analyzer.name} did not run: {reason}.",),
+        data={"skipped_because": reason},
+        params=analyzer.get_params(),
+    )
 
 
 def collection_result(store: Store) -> Result:
@@ -428,8 +665,8 @@ def _run_per_family(
     for fam, paths in groups.items():
         sub = replace(config, family=fam, skip_bad=True)  # unreadable files are listed on the top page
         entry: dict[str, Any] = {"family": fam, "adapters": len(paths), "example": paths[0]}
-        if len(paths) < 3:
-            entry["error"] = f"{len(paths)} adapter(s): an analysis needs at least 3"
+        if len(paths) < MIN_ADAPTERS:
+            entry["error"] = f"{len(paths)} adapter(s): an analysis needs at least {MIN_ADAPTERS}"
         else:
             try:
                 index = run_analysis(

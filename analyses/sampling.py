@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from wsa.analyses import register_analyzer
-from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
+from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
 from wsa.labels import describe_attributes
 from wsa.sampling import fit_gaussian, novelty, novelty_summary, probe_scores, train_nn_distances
@@ -156,7 +156,7 @@ class Sampling(Analyzer):
         z_all = np.asarray(ctx.space.coefficients, dtype=np.float64)
         n_train, k_space = z_all.shape
         if n_train < 3:
-            raise ConfigError(f"sampling needs at least 3 fitted models; the space has {n_train}")
+            raise SkipAnalysis(f"sampling needs at least 3 adapters; the space has {n_train}")
         k = k_space if self.n_components is None else int(self.n_components)
         if k > k_space:
             raise ConfigError(f"The 'n_components' parameter of sampling must be <= {k_space} (the space's k); got {k}")

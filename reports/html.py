@@ -14,7 +14,6 @@ the same results and ``run_info`` give the same bytes (no clock is read here).
 
 from __future__ import annotations
 
-import csv
 import html
 import io
 import json
@@ -67,6 +66,7 @@ def write_report(results: Sequence[Result], run_info: Mapping[str, Any], out: st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_info = dict(run_info)
+    results = [_note_nonfinite(r) for r in results]
 
     csv_names = _csv_names(results)
     for (i, j), filename in csv_names.items():
@@ -89,6 +89,48 @@ def write_report(results: Sequence[Result], run_info: Mapping[str, Any], out: st
 
 
 # ---------------------------------------------------------------------------------------------- files
+
+
+def _note_nonfinite(result: Result) -> Result:
+    """Never silently: a result holding NaN/Inf gets a note saying how many and how they are written."""
+    from dataclasses import replace
+
+    bad = count_nonfinite(result)
+    if not bad:
+        return result
+    note = (
+        f"{bad:,} non-finite value(s) (NaN/Inf) in this section are written as null in results.json, as empty "
+        "CSV cells and as '\u2014' or 'n/a' on this page."
+    )
+    return replace(result, notes=(*result.notes, note))
+
+
+def count_nonfinite(value: Any, _depth: int = 0) -> int:
+    """How many NaN/±Inf floats a result (or any nesting of dicts, lists, arrays and dataclasses) holds."""
+    import numpy as np
+
+    if _depth > 50:
+        return 0
+    if isinstance(value, Result):
+        parts: list[Any] = [value.metrics, value.tables, dict(value.data)]
+        return sum(count_nonfinite(p, _depth + 1) for p in parts)
+    if isinstance(value, Metric):
+        return count_nonfinite([value.value, value.chance, value.ci], _depth + 1)
+    if isinstance(value, Table):
+        return count_nonfinite(value.rows, _depth + 1)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "fc":
+            return int(value.size - np.isfinite(value).sum())
+        if value.dtype == object:
+            return sum(count_nonfinite(v, _depth + 1) for v in value.ravel().tolist())
+        return 0
+    if isinstance(value, (float, np.floating)):
+        return 0 if math.isfinite(float(value)) else 1
+    if isinstance(value, Mapping):
+        return sum(count_nonfinite(v, _depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(count_nonfinite(v, _depth + 1) for v in value)
+    return 0
 
 
 def _safe_filename(text: str) -> str:
@@ -123,7 +165,14 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _csv_cell(value: Any) -> str:
-    """Numbers as numbers; text from inputs (file names, metadata, label names) never as a formula."""
+    """Numbers as numbers; text from inputs (file names, metadata, label names) never as a formula.
+
+    Following OWASP's advice on CSV injection, a text cell (column headers included) that starts with
+    ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets a leading ``'``, which spreadsheet
+    programs read as "this is text" (also text such as ``"-1"``: it came from an input as text). Numbers
+    (int, float, a negative one too) are written unchanged; NaN/Inf are written as empty cells
+    (``write_report`` notes how many).
+    """
     if value is None:
         return ""
     if isinstance(value, float):
@@ -134,12 +183,25 @@ def _csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA_START) else text
 
 
+def _csv_field(cell: str) -> str:
+    """RFC 4180 quoting. Unlike :mod:`csv` with a ``\\n`` terminator, a lone CR is quoted too: an id holding
+    ``\\r`` must not start a new row in the reader."""
+    if any(ch in cell for ch in ',"\r\n'):
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
+
+
+def _csv_line(cells: Sequence[str]) -> str:
+    if len(cells) == 1 and cells[0] == "":
+        return '""\n'  # a row of one empty cell is not a blank line
+    return ",".join(_csv_field(c) for c in cells) + "\n"
+
+
 def _csv_bytes(table: Table) -> bytes:
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([_csv_cell(c) for c in table.columns])
+    buf.write(_csv_line([_csv_cell(c) for c in table.columns]))
     for row in table.rows:
-        writer.writerow([_csv_cell(_clean(v)) for v in row])
+        buf.write(_csv_line([_csv_cell(_clean(v)) for v in row]))
     return buf.getvalue().encode("utf-8")
 
 

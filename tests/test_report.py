@@ -151,7 +151,14 @@ def test_results_json_round_trips_numbers(report: tuple[Path, list[Result]]) -> 
     text = (index.parent / "results.json").read_text(encoding="utf-8")
     payload = json.loads(text)
     assert payload["run"] == json.loads(json.dumps(_run_info()))
-    assert payload["results"] == [json.loads(json.dumps(r.to_json())) for r in results]
+    expected = [json.loads(json.dumps(r.to_json())) for r in results]
+    # The NaN metric is never silent: its section gets a note saying how many values were non-finite.
+    expected[1]["notes"].append(
+        "1 non-finite value(s) (NaN/Inf) in this section are written as null in results.json, as empty CSV cells "
+        "and as '\u2014' or 'n/a' on this page."
+    )
+    assert payload["results"] == expected
+    assert all("non-finite" not in n for r in payload["results"][:1] + payload["results"][2:] for n in r["notes"])
     probes = payload["results"][1]
     assert probes["metrics"][0]["value"] == 0.8712
     assert probes["metrics"][0]["ci"] == [0.84, 0.9]

@@ -8,12 +8,28 @@ for turning two-valued columns into 0/1, so a direction's sign means the same th
 Supported files: ``.csv``, ``.tsv``/``.tab``, ``.parquet``/``.pq`` (needs pyarrow or fastparquet),
 ``.json`` (records ``[{"id": ..., "attr": ...}, ...]``, columns ``{"id": [...], "attr": [...]}`` or
 an id-keyed object ``{"<id>": {"attr": ...}}``) and ``.jsonl`` (one record per line).
+
+A label file is input like any other: whatever it holds, :func:`load_labels` returns a frame or raises
+one :class:`~wsa.errors.FormatError`/:class:`~wsa.errors.ConfigError` line naming the file (and the
+column or row). How hostile or odd content is handled:
+
+- empty cells, ``nan``/``NA``/``null`` and JSON ``NaN`` are *missing* (the adapter is not labelled for
+  that attribute);
+- ``inf``/``-inf`` (text or JSON ``Infinity``) in a numeric column are *missing too*, with a warning in
+  the report naming the column and the adapters — a probe cannot regress on infinity, and dropping
+  the cell is what a researcher would do by hand;
+- objects or lists as values, control characters in a column name, duplicate ids (also duplicate keys
+  of an id-keyed JSON object), a top level that is not a table, JSON nested deeper than the parser's
+  recursion limit, an empty file → refused;
+- a UTF-8 byte-order mark is ignored.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
+import unicodedata
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,12 +98,20 @@ def load_labels(path: str | Path, ids: Sequence[str], *, id_column: str | None =
         The file is missing, has an unsupported suffix, lacks the requested id column, or shares no
         id with the store (the message shows example ids from both sides).
     FormatError
-        The file cannot be parsed, has empty or duplicate ids, no attribute column, a numeric-looking
-        column with non-numeric values, or only single-valued attributes.
+        The file cannot be parsed (also: empty, nested too deeply, a JSON top level that is not a table,
+        duplicate JSON keys), has empty or duplicate ids, an object or list as a value, a column name
+        with control characters, no attribute column, a numeric-looking column with non-numeric
+        values, or only single-valued attributes. ``inf``/``-inf`` values are read as missing, with a
+        warning in ``attrs["warnings"]`` (see the module docstring).
     """
     path = Path(path)
     if not path.is_file():
-        what = "is a folder, not a label file" if path.is_dir() else "label file not found"
+        if path.is_dir():
+            what = "is a folder, not a label file"
+        elif path.exists():
+            what = "is not a regular file"
+        else:
+            what = "label file not found"
         raise ConfigError(f"{what}; check the path given to --labels", path)
     kind = _READERS.get(path.suffix.lower())
     if kind is None:
@@ -97,6 +121,9 @@ def load_labels(path: str | Path, ids: Sequence[str], *, id_column: str | None =
         )
     table = _read_table(path, kind)
     table.columns = [str(c).strip() for c in table.columns]
+    for c in table.columns:
+        if any(unicodedata.category(ch) == "Cc" for ch in c):
+            raise FormatError(f"column name {_show(c)} holds control characters; rename it", path)
     if table.shape[1] == 0:
         raise FormatError("no columns found; the first row must name the id column and the attributes", path)
     if len(set(table.columns)) != len(table.columns):
@@ -104,6 +131,8 @@ def load_labels(path: str | Path, ids: Sequence[str], *, id_column: str | None =
         raise FormatError(f"duplicate column names {dup}; rename them", path)
 
     id_col = _id_column(table, id_column, path)
+    for col in table.columns:
+        _refuse_nested(table[col], col, table[id_col], path)
     table = table.apply(_strip_column)
     raw_ids = table[id_col]
     empty = raw_ids.isna()
@@ -140,8 +169,18 @@ def load_labels(path: str | Path, ids: Sequence[str], *, id_column: str | None =
     table_set = set(table_ids)
     missing = [i for i in store_ids if i not in table_set]
 
+    warnings = []
     for col in attributes:
         table[col] = _numeric_or_strings(table[col], col, path)
+        if pd.api.types.is_float_dtype(table[col].dtype):
+            infinite = np.isinf(table[col].to_numpy())
+            if infinite.any():
+                where = _examples(list(table.index[infinite]), 3)
+                warnings.append(
+                    f"{path}: attribute {_show(col)}: {int(infinite.sum())} infinite value(s) read as missing "
+                    f"(ids {where})"
+                )
+                table.loc[infinite, col] = np.nan
 
     frame = table.reindex(store_ids)
     frame.index.name = "id"
@@ -152,7 +191,6 @@ def load_labels(path: str | Path, ids: Sequence[str], *, id_column: str | None =
             f"every attribute has a single value over the matched adapters ({_examples(constant)}); nothing to probe",
             path,
         )
-    warnings = []
     if extra:
         warnings.append(f"{path}: {len(extra)} id(s) not in the store were ignored (e.g. {_examples(extra, 3)})")
     if missing:
@@ -171,24 +209,80 @@ def load_labels(path: str | Path, ids: Sequence[str], *, id_column: str | None =
 
 
 def _read_table(path: Path, kind: str) -> pd.DataFrame:
-    """Parse the file; every parser failure becomes one FormatError line naming the file."""
+    """Parse the file; every parser failure becomes one FormatError line naming the file.
+
+    The parsers are third-party code reading the file author's bytes, so *any* exception they raise is
+    the file's problem (reported with its type), never a traceback.
+    """
     try:
         if kind in ("csv", "tsv"):
             # All as strings: we strip, then decide numeric-ness ourselves (and can name bad values).
-            return pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, skipinitialspace=True)
+            return pd.read_csv(
+                path, sep="\t" if kind == "tsv" else ",", dtype=str, skipinitialspace=True, encoding="utf-8-sig"
+            )
         if kind == "parquet":
             return pd.read_parquet(path)
+        text = path.read_bytes().decode("utf-8-sig")
+        if not text.strip():
+            raise pd.errors.EmptyDataError
         if kind == "jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
-        return _json_frame(json.loads(path.read_text(encoding="utf-8")), path)
+            records = []
+            for number, line in enumerate(text.splitlines(), start=1):
+                if line.strip():
+                    record = _json_loads(line, path, f"line {number}: ")
+                    if not isinstance(record, dict):
+                        raise FormatError(f"line {number} is not a JSON object; each line must be one record", path)
+                    records.append(record)
+            return pd.DataFrame.from_records(records)
+        return _json_frame(_json_loads(text, path), path)
     except ImportError as exc:
         hint = f"reading Parquet needs pyarrow ({exc}); pip install pyarrow or convert to CSV"
         raise ConfigError(hint, path) from None
     except pd.errors.EmptyDataError:
         raise FormatError("the file is empty; expected a header row with the id column and attributes", path) from None
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+    except (ConfigError, FormatError):
+        raise
+    except RecursionError:
+        raise FormatError(f"cannot read as {kind.upper()} (nested too deeply); check the file", path) from None
+    except Exception as exc:  # a parser's failure on the file's bytes, see the docstring
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"cannot read as {kind.upper()} ({reason}); check the file", path) from None
+        raise FormatError(f"cannot read as {kind.upper()} ({_clip(reason)}); check the file", path) from None
+
+
+def _json_loads(text: str, path: Path, where: str = "") -> Any:
+    """``json.loads`` that refuses duplicate keys and deep nesting, each as one FormatError line."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise FormatError(f"{where}duplicate key {_show(key)} in one JSON object; keep one", path)
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs)  # the C parser bounds its recursion
+    except RecursionError:
+        raise FormatError(f"{where}JSON nested too deeply; a label table is flat (records of values)", path) from None
+    except ValueError as exc:
+        raise FormatError(f"{where}cannot read as JSON ({_clip(str(exc))}); check the file", path) from None
+
+
+def _refuse_nested(col: pd.Series, name: str, ids: pd.Series, path: Path) -> None:
+    """Label values are numbers, strings or booleans; an object or a list is refused, naming where."""
+    if col.dtype != object:
+        return
+    for row, value in enumerate(col.to_numpy()):
+        if isinstance(value, (dict, list, tuple, set, bytes, bytearray)):
+            kind = "an object" if isinstance(value, dict) else "bytes" if isinstance(value, bytes) else "a list"
+            where = f"data row {row + 1}"
+            rid = ids.iloc[row]
+            if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
+                where += f" (id {_show(rid)})"
+            raise FormatError(
+                f"column {_show(name)}, {where}: the value is {kind}; a label is a number, a string or true/false",
+                path,
+            )
 
 
 def _json_frame(data: Any, path: Path) -> pd.DataFrame:
@@ -273,8 +367,21 @@ def _numeric_or_strings(col: pd.Series, name: str, path: Path) -> pd.Series:
 
 def _examples(values: Sequence[Any], n: int = 5) -> str:
     values = list(values)
-    shown = ", ".join(repr(v) for v in values[:n])
+    shown = ", ".join(_show(v) for v in values[:n])
     return shown + (f", … ({len(values)} in all)" if len(values) > n else "")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value from the file for a message: repr'd, control characters escaped, at most ``limit`` long."""
+    if isinstance(value, str):
+        return repr(_clip(value, limit))
+    r = reprlib.Repr()
+    r.maxlevel, r.maxother, r.maxstring = 2, limit, limit
+    return r.repr(value)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,6 +509,25 @@ def value_key(v: Hashable) -> str:
     return str(v)
 
 
+def _metadata_field_ok(key: Any) -> bool:
+    return isinstance(key, str) and 0 < len(key) <= 200 and not any(unicodedata.category(c) == "Cc" for c in key)
+
+
+def _metadata_value(value: Any) -> Any:
+    """A metadata value as a label cell: number, string or bool; anything else (or non-finite) is missing."""
+    from wsa.training_metadata import MAX_VALUE
+
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2**63 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return _clip(value.replace("\x00", ""), MAX_VALUE)
+    return None
+
+
 def _groups_adapters(field: str, values: list[Any]) -> bool:
     """Is a metadata field an attribute (it varies and groups adapters), not an identifier?
 
@@ -431,11 +557,24 @@ def metadata_labels(rows: Sequence[Mapping[str, Any]], spec: str, out: str | Pat
     when they vary) or ``metadata:ss_network_dim,ss_base_model_version`` (exactly those fields). The file
     is then read like any label table (:func:`load_labels`), so kinds, missing values and reports work
     the same way.
+
+    Metadata is the file authors' text (a store's rows may also have been edited), so it is made tame
+    first: only string keys without control characters, of at most 200 characters, are fields; values
+    that are not a number, a string or true/false (objects, lists) are left out, non-finite numbers
+    become missing, and strings are cut to :data:`wsa.training_metadata.MAX_VALUE` characters.
     """
     records = []
     for row in rows:
-        record: dict[str, Any] = {"id": row["id"], "family": row.get("family"), "format": row.get("format")}
-        record.update(row.get("training") or {})
+        if not isinstance(row, Mapping) or row.get("id") is None:
+            continue
+        record: dict[str, Any] = {"id": str(row["id"])}
+        training = row.get("training")
+        items = [("family", row.get("family")), ("format", row.get("format"))]
+        if isinstance(training, Mapping):
+            items += list(training.items())
+        for key, value in items:
+            if _metadata_field_ok(key) and key != "id":
+                record[key] = _metadata_value(value)
         records.append(record)
     fields = sorted({k for r in records for k in r} - {"id"})
     if spec == METADATA_SPEC:
