@@ -25,6 +25,7 @@ from torch import Tensor
 from wsa.decoding.batched_lora import BatchedLoRA, DenseStack, LowRankStack
 from wsa.errors import ConfigError
 from wsa.store.layout import Layout
+from wsa.text import terminal_safe
 
 
 @dataclass
@@ -43,8 +44,9 @@ def load_image(path: str, size: int, mask: bool = False) -> Tensor:
         with Image.open(path) as im:
             im = im.convert("L" if mask else "RGB")
             array = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as exc:
-        raise ConfigError(f"{path}: cannot read image ({exc})") from None
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError, SyntaxError) as exc:
+        # PIL refuses images over ~179 M pixels (a decompression bomb) and raises SyntaxError on some corrupt PNGs
+        raise ConfigError(f"{path}: cannot read image ({terminal_safe(exc, 200)})") from None
     tensor = torch.from_numpy(array)
     tensor = tensor[None] if mask else tensor.permute(2, 0, 1)
     return F.interpolate(tensor[None], size=(size, size), mode="area")[0].clamp(0, 1)
