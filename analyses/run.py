@@ -219,7 +219,10 @@ def _toml_shape_problem(text: str) -> str | None:
 
 def load_config(path: str | Path) -> AnalyzeConfig:
     """Read and validate a TOML config; any problem is one :class:`ConfigError` line naming the file."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+        import tomli as tomllib  # type: ignore[no-redef]
 
     path = Path(path)
     try:

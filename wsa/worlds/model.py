@@ -224,10 +224,6 @@ class BaseModel(nn.Module):
         self.info: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------------
-    @property
-    def scheduler_config(self) -> dict[str, Any]:
-        return self.config.train_scheduler_config()
-
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
         """``(B, max_tokens, cross_attention_dim)`` embeddings on the model's device and dtype."""
         ids = self.tokenizer(prompts).to(self.text_encoder.token_embedding.weight.device)

@@ -73,11 +73,6 @@ def to_local(
     return u, v
 
 
-def rotate(x: torch.Tensor, y: torch.Tensor, cos: Scalar, sin: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coordinates rotated by minus the angle, i.e. the frame of a part rotated by the angle about 0."""
-    return x * cos + y * sin, y * cos - x * sin
-
-
 # --------------------------------------------------------------------------------------------------
 # Primitives (each returns a signed distance of shape broadcast(x, params))
 
