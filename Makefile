@@ -28,6 +28,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) tools/check_layers.py
 
 # The report test opens index.html in headless Chromium (Debian's `chromium`); WSA_SKIP_BROWSER=1 skips it.
 browser:

@@ -26,7 +26,7 @@ per module. The references:
   and no ``.diff``/``.diff_b``. So these files are *derived*: the kohya file diffusers read is re-keyed with
   this file's own diffusers -> LDM table (:func:`ldm_name`, written from the ``unet_conversion_map`` of
   diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py`` / ``…_sdxl.py``, not from
-  ``wsa.formats.names``). Extract-style files carry no alpha (``alpha / rank`` folded into ``lora_up``),
+  ``wsa.families.names``). Extract-style files carry no alpha (``alpha / rank`` folded into ``lora_up``),
   saved-style ones keep ``.alpha``; ``.diff`` (1-D norm weights) and ``.diff_b`` (biases) are what ComfyUI
   adds unscaled, so they are checked against themselves.
 * LyCORIS LoHa on convs: diffusers has no LoHa reader. PEFT's ``LoHaConfig`` on the tiny model (LyCORIS's

@@ -35,7 +35,7 @@ from tests.tiny import (
     tiny_unet,
     tuner_layers,
 )
-from wsa.formats.names import kohya_module_to_canonical, kohya_name, ldm_to_diffusers
+from wsa.families.names import kohya_module_to_canonical, kohya_name, ldm_to_diffusers
 
 peft = pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")

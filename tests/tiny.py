@@ -319,7 +319,7 @@ def write_single_file_checkpoint(pipeline_dir: Path, out: Path) -> Path:
 
     from diffusers import StableDiffusionPipeline
 
-    from wsa.formats.names import canonical_text_encoder_path
+    from wsa.families.names import canonical_text_encoder_path
 
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, local_files_only=True)
     tensors = _unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)

@@ -98,7 +98,7 @@ class SDBase:
     # ---------------------------------------------------------------------------------------------
     def adapter_layers(self) -> dict[str, nn.Module]:
         """Every layer an adapter may target, under wsa's canonical names (``text_model.`` spelling)."""
-        from wsa.formats.names import canonical_text_encoder_path
+        from wsa.families.names import canonical_text_encoder_path
 
         named: dict[str, nn.Module] = dict(self.pipe.unet.named_modules())
         for component in ("text_encoder", "text_encoder_2"):

@@ -39,7 +39,7 @@ def write_adapter(
 
     Parameters
     ----------
-    adapter : the adapter to write; module names are canonical (``wsa.formats.names``).
+    adapter : the adapter to write; module names are canonical (``wsa.families.names``).
     out : ``"kohya"``: a ``.safetensors`` file path. ``"peft"``: a folder (with ``unet/`` and
         ``text_encoder/`` subfolders when the adapter has text-encoder modules).
         ``"diffusers"``: a folder (gets ``pytorch_lora_weights.safetensors``) or a ``.safetensors`` path.

@@ -1,6 +1,6 @@
 """kohya-ss / LyCORIS single file: what diffusers, ComfyUI and A1111 all load (formats.md §6.4).
 
-Keys ``<kohya name>.<part>`` with ``kohya name`` from :func:`wsa.formats.names.kohya_name`
+Keys ``<kohya name>.<part>`` with ``kohya name`` from :func:`wsa.families.names.kohya_name`
 (``lora_unet_<diffusers path with _>``, ``lora_te_``, ``lora_te2_``). Plain LoRA/LoCon gets
 ``lora_down``/``lora_up`` (+ ``lora_mid`` for Tucker) and an explicit ``alpha = scale · rank``,
 because every loader computes ``scale = alpha / lora_down.shape[0]`` (§2). LoHa, LoKr and full
@@ -18,7 +18,7 @@ from torch import Tensor
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import ConfigError
 from wsa.export._common import alpha_tensor, cast, header, most_common, num, save_safetensors
-from wsa.formats.names import kohya_name
+from wsa.families.names import kohya_name
 
 # wsa part name -> file suffix, per kind.
 _LORA = {"down": ".lora_down.weight", "up": ".lora_up.weight", "mid": ".lora_mid.weight"}

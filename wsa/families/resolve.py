@@ -172,7 +172,7 @@ def _unknown_family(denoiser: Mapping[tuple[str, bool], ModuleWeights], meta_fam
     module is an error instead (:func:`_no_family_message`). ``_``-spelled names are undone with SD's word
     list, which is a guess, and the adapter says so.
     """
-    from wsa.formats.names import canonical_unet_path, kohya_path_to_dotted
+    from wsa.families.names import canonical_unet_path, kohya_path_to_dotted
 
     modules: dict[str, ModuleWeights] = {}
     guessed = False

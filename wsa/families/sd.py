@@ -1,7 +1,7 @@
 """The UNet families: Stable Diffusion 1.x, 2.x and SDXL (which covers Pony, Illustrious and NoobAI).
 
 Their modules are named in diffusers' ``UNet2DConditionModel`` paths or in the original LDM/SGM
-paths (``input_blocks.4.1…``); ``wsa.formats.names`` holds the block arithmetic (diffusers'
+paths (``input_blocks.4.1…``); ``wsa.families.names`` holds the block arithmetic (diffusers'
 ``_maybe_map_sgm_blocks_to_diffusers`` + ``_convert_unet_lora_key`` for kohya's ``lora_unet_`` names,
 and ``scripts/convert_diffusers_to_original_stable_diffusion.py`` / ``…_sdxl.py`` for the LDM names
 ComfyUI writes as ``diffusion_model.…``). :data:`MODULES` lists every module of a
@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 
 from wsa.families.base import Family, normalise_arch
+from wsa.families.names import canonical_unet_path, kohya_path_to_dotted
 from wsa.families.registry import register
-from wsa.formats.names import canonical_unet_path, kohya_path_to_dotted
 
 _ROOTS = (
     "down_blocks",

@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover
 
 from wsa.adapter import Adapter, ModuleWeights, lora_scale
 from wsa.errors import FormatError
-from wsa.formats.names import natural_key
+from wsa.families.names import natural_key
 
 
 def split_keys(keys: list[str], suffixes: Mapping[str, str], path: object) -> dict[str, dict[str, str]]:
@@ -282,7 +282,7 @@ def assemble(
     for Flux, ``text_encoder_3`` for SD3).
     """
     from wsa.families import FAMILIES, resolve
-    from wsa.formats.names import canonical_text_encoder_path
+    from wsa.families.names import canonical_text_encoder_path
 
     res = resolve(denoiser, metadata=metadata, path=path)
     modules: dict[str, ModuleWeights] = dict(res.modules)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
+from wsa.families.names import DENOISER_PREFIXES, KOHYA_PREFIXES, kohya_module_to_canonical, kohya_path_to_dotted
 from wsa.formats._modules import assemble, build_module, read_alpha, split_keys, unscaled_bias
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes
-from wsa.formats.names import DENOISER_PREFIXES, KOHYA_PREFIXES, kohya_module_to_canonical, kohya_path_to_dotted
 
 LORA_SUFFIXES = {
     ".lora_down.weight": "down",

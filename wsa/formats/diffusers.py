@@ -16,10 +16,10 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
+from wsa.families.names import canonical_text_encoder_path, canonical_unet_path, processor_to_canonical
 from wsa.formats._modules import assemble, build_module, checked_lora_config, pattern_value, read_alpha, split_keys
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
-from wsa.formats.names import canonical_text_encoder_path, canonical_unet_path, processor_to_canonical
 
 METADATA_KEY = "lora_adapter_metadata"
 #: File component prefix -> canonical module prefix ("" = denoiser).

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
+from wsa.families.names import canonical_unet_path
 from wsa.formats import _prefixed, diffusers
 from wsa.formats._modules import assemble, build_module, read_alpha, split_keys, unscaled_bias
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
-from wsa.formats.names import canonical_unet_path
 
 DENOISER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.")
 #: ComfyUI's text-encoder names (``text_encoders.<name>.transformer.<path>``) -> the kohya-style tag the

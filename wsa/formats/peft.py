@@ -14,10 +14,10 @@ from pathlib import Path
 
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.errors import FormatError
+from wsa.families.names import canonical_text_encoder_path
 from wsa.formats._modules import assemble, build_module, checked_lora_config, pattern_value, split_keys
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
-from wsa.formats.names import canonical_text_encoder_path
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -172,7 +172,7 @@ def _choose_layout(
         for n in a.modules:
             if n in names and n not in merged:
                 merged[n] = a.modules[n]
-    from wsa.formats.names import natural_key
+    from wsa.families.names import natural_key
 
     ordered = sorted(merged, key=natural_key)
     reference = Adapter("<merged reference>", "mixed", {n: merged[n] for n in ordered})

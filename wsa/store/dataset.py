@@ -29,10 +29,10 @@ from safetensors import safe_open
 
 from wsa.adapter import Adapter
 from wsa.errors import ConfigError, FormatError
+from wsa.families.names import canonical_unet_path, kohya_module_to_canonical
 from wsa.formats._modules import build_module, make_adapter, split_keys
 from wsa.formats._prefixed import LORA_SUFFIXES
 from wsa.formats._tensorfile import check_finite
-from wsa.formats.names import canonical_unet_path, kohya_module_to_canonical
 from wsa.formats.peft import SUFFIXES as PEFT_SUFFIXES
 from wsa.store.discover import Source
 
