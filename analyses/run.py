@@ -544,10 +544,10 @@ MIN_ADAPTERS = 2
 def _fit(store: Store, k: int, config: AnalyzeConfig, gram: bool, client: Any, progress: bool) -> Any:
     """The space: from factor Grams (``--repr delta``), on Dask, or in this process."""
     if gram:
+        from wsa.devices import resolve_device
         from wsa.gram import fit_delta_gram
-        from wsa.space import _resolve_device
 
-        return fit_delta_gram(store, k, device=str(_resolve_device(config.device)), progress=progress)
+        return fit_delta_gram(store, k, device=str(resolve_device(config.device)), progress=progress)
     if client is not None:
         from wsa.dask_engine import fit_space_dask
 

@@ -51,6 +51,7 @@ from safetensors.numpy import save as safetensors_save
 from tqdm import tqdm
 
 from wsa.atomic import write_bytes
+from wsa.devices import resolve_device
 from wsa.errors import ConfigError, StoreError
 from wsa.store import Store
 
@@ -702,20 +703,6 @@ def _physical_memory() -> int:
     return 8 * 2**30  # unknown: assume a small machine
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {device!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device must be 'auto' or 'cpu' here (torch.cuda.is_available() is False); got {device!r}")
-    return dev
-
-
 def _check_int(name: str, value: Any, low: int, high: int | None = None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -827,7 +814,7 @@ def fit_space(
     _check_int("gpu_cache_bytes", gpu_cache_bytes, 0, allow_none=True)
     if not isinstance(device, str):
         raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]'; got {device!r}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     k = int(n_components)
     step = int(block_rows) if block_rows is not None else _default_block_rows(d)
     budget = int(memory_budget_bytes) if memory_budget_bytes is not None else _physical_memory() // 4

@@ -25,6 +25,7 @@ import torch
 
 from wsa.decoding.batched_lora import BatchedLoRA
 from wsa.decoding.stacks import stacks_from_adapters
+from wsa.devices import resolve_device
 from wsa.errors import ConfigError
 from wsa.store.layout import Layout
 from wsa.store.representations import decode
@@ -205,8 +206,7 @@ def make_decoder(
     if prompt is None and family is not None:
         fam = get_family(family)
         prompt = fam.prompt(fam.neutral_nuisance().iloc[0], token=IDENTITY_TOKEN)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     prompt = prompt or ""
     model.tokenizer([prompt])  # unknown words fail here, not mid-analysis
     return Decoder(

@@ -288,7 +288,7 @@ def train_oracle(family: Family, out: str | Path | None = None, **options: Any) 
             f"unknown oracle option(s) {unknown}; known: {sorted(OracleTrainConfig.__dataclass_fields__)}"
         )
     cfg = OracleTrainConfig(**options)
-    from wsa.worlds.runtime import resolve_device
+    from wsa.devices import resolve_device
 
     device = resolve_device(cfg.device)
     started = time.time()

@@ -11,19 +11,6 @@ from typing import Any
 
 import torch
 
-from wsa.errors import ConfigError
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when present, else cpu; asking for cuda without one is a one-line error."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device must be auto, cpu or cuda; got {name!r}")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch sees no CUDA device; use --device cpu")
-    return torch.device(name)
-
 
 def hardware(device: torch.device) -> dict[str, Any]:
     """The record of where a job ran, kept in the output's JSON."""

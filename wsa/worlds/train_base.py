@@ -34,9 +34,10 @@ import torch
 from torch import Tensor
 
 from wsa.atomic import write_with
+from wsa.devices import resolve_device
 from wsa.errors import ConfigError
 from wsa.worlds.model import BaseModel, ModelConfig, image_grid
-from wsa.worlds.runtime import alphas_cumprod, config_parser, hardware, resolve_device
+from wsa.worlds.runtime import alphas_cumprod, config_parser, hardware
 
 CHECKPOINT = "checkpoint.pt"
 _FREE_OPTIONS = ("max_minutes", "progress", "device", "log_every", "grid_images")  # may change on resume
@@ -339,7 +340,7 @@ def _progress(cfg: TrainConfig, initial: int) -> Any:
 def _write_samples(model: BaseModel, family: Any, path: Path, seed: int, n: int = 32) -> None:
     """A grid of ``n`` samples: rows cycle through prompts from the family's nuisance sampler."""
     prompts = family.prompts(family.sample_nuisance(n, seed=seed + 1))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device("auto"))
     images = model.sample(prompts, list(range(n)), steps=25, guidance=3.0, device=device)
     grid = image_grid(images, columns=8)
     write_with(path, lambda tmp: grid.save(tmp, format="PNG"))
