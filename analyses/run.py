@@ -24,6 +24,7 @@ import numpy as np
 
 from wsa.analyses import AnalysisContext, Result, available_analyzers, get_analyzer
 from wsa.analyses.base import MAX_INT, SkipAnalysis, short_repr, type_problem
+from wsa.atomic import own_folder
 from wsa.errors import ConfigError, FormatError
 from wsa.store import Store, ingest, open_store
 from wsa.store.store import MANIFEST
@@ -439,7 +440,7 @@ def run_analysis(
         t0 = time.perf_counter()
         store = resolve_store(
             inputs,
-            Path(cache) if cache else out / "store",
+            Path(cache) if cache else own_folder(out, "store"),
             config.repr,
             progress,
             client,
@@ -459,7 +460,7 @@ def run_analysis(
         except ConfigError:
             _refuse_nonfinite_rows(store)  # names the rows when the data are the cause
             raise
-    space.save(out / "space")
+    space.save(own_folder(out, "space"))
     if space.explicit:
         _record_decoding(out / "space", store, config)
     timings["space"] = time.perf_counter() - t0

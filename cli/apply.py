@@ -118,6 +118,7 @@ class Job:
         return self._decoder
 
     def write_models(self, rows: np.ndarray, names: list[str], extra: list[dict] | None = None) -> list[Path]:
+        from wsa.atomic import own_folder
         from wsa.points import export_rows
 
         meta = {"space": str(self.ws.folder), "command": self.command}
@@ -127,7 +128,7 @@ class Job:
             rows,
             names,
             self.ws.layout,
-            self.out / "adapters",
+            own_folder(self.out, "adapters"),
             format=self.opts["fmt"],
             dtype=self.opts["dtype"],
             rank=self.opts["rank"],

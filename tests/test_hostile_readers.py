@@ -292,3 +292,114 @@ def test_unexpected_exception_is_one_line_without_debug(monkeypatch: pytest.Monk
     assert "--debug" in result.output
     debug = CliRunner().invoke(main, ["--debug", "ingest", str(tmp_path), "--out", str(tmp_path / "s")])
     assert isinstance(debug.exception, TypeError)
+
+
+# ------------------------------------------------------------------------------ found by the red team
+
+
+def test_a_poison_alpha_cannot_become_the_reference(tmp_path: Path) -> None:
+    """An alpha of 1e-45 sorted first would make every other file's rescaled factors overflow."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a_poison.safetensors").write_bytes(save({**good_kohya(), f"{KEY}.alpha": torch.tensor(1e-45)}))
+    for i in range(3):
+        (folder / f"good{i}.safetensors").write_bytes(save(good_kohya()))
+    expect(folder / "a_poison.safetensors", "outside any trainer's range")
+    result = CliRunner().invoke(main, ["ingest", str(folder), "--out", str(tmp_path / "s"), "--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert sorted(wsa.open_store(tmp_path / "s").ids) == ["good0", "good1", "good2"]
+
+
+@pytest.mark.parametrize(
+    ("down", "up", "mid", "fragment"),
+    [
+        ((2, 8, 3, 3), (8, 2, 3, 3), None, "must be out × rank"),  # a kernel on both sides
+        ((2, 8, 1, 1), (8, 2, 1, 1), (5, 5, 3, 3), "mid"),  # mid of another rank
+        ((2, 8, 1, 1), (8, 2, 1, 1), (2, 2), "mid"),  # 2-D mid
+        ((2, 8, 1, 3, 3), (8, 2, 1, 1), None, "different numbers of dimensions"),
+    ],
+)
+def test_inconsistent_lora_shapes(tmp_path: Path, down, up, mid, fragment: str) -> None:
+    changes = {"lora_down.weight": torch.randn(down), "lora_up.weight": torch.randn(up)}
+    if mid is not None:
+        changes["lora_mid.weight"] = torch.randn(mid)
+    expect(kohya(tmp_path, **changes), fragment)
+    ok = {"lora_down.weight": torch.randn(2, 8, 1, 1), "lora_up.weight": torch.randn(8, 2, 1, 1)}
+    assert wsa.load_adapter(kohya(tmp_path, **ok, **{"lora_mid.weight": torch.randn(2, 2, 3, 3)})).modules
+
+
+def test_factors_claiming_a_huge_delta_are_refused_fast(tmp_path: Path) -> None:
+    """LoKr factors of a few kB can claim a ΔW of terabytes; checking them would form it."""
+    name = "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    path = tmp_path / "bomb.safetensors"
+    path.write_bytes(save({f"{name}.lokr_w1": torch.randn(256, 256), f"{name}.lokr_w2": torch.randn(128, 128)}))
+    start = time.perf_counter()
+    expect(path, "larger than any model's layer")
+    assert time.perf_counter() - start < 2
+
+
+def test_pickles_of_parameters_float8_and_colliding_keys(tmp_path: Path) -> None:
+    tensors = good_kohya()
+    params = {k: torch.nn.Parameter(v) for k, v in tensors.items()}
+    torch.save(params, tmp_path / "param.pt")
+    assert wsa.load_adapter(tmp_path / "param.pt").modules  # a dict of nn.Parameter is a common way to save
+    torch.save({**tensors, f"{KEY}.lora_up.weight": tensors[f"{KEY}.lora_up.weight"].to(torch.float8_e5m2)},
+               tmp_path / "f8.pt")  # fmt: skip
+    expect(tmp_path / "f8.pt", "unsupported type")
+    torch.save({1: torch.ones(1), "1": torch.ones(1)}, tmp_path / "dup.pt")
+    expect(tmp_path / "dup.pt", "two tensors named")
+
+
+def test_peft_alpha_far_outside_any_range(tmp_path: Path) -> None:
+    folder = write_peft(tmp_path / "a", json.dumps({"r": 4, "lora_alpha": 1e308}).encode())
+    expect(folder, "outside any trainer's range", blame=folder / "adapter_config.json")
+
+
+def test_huge_peft_config_is_refused_before_reading(tmp_path: Path) -> None:
+    folder = write_peft(tmp_path / "a", b"{}")
+    with (folder / "adapter_config.json").open("wb") as fh:
+        fh.truncate(1 << 33)  # 8 GiB, sparse
+    expect(folder, "larger than", blame=folder / "adapter_config.json")
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "null",
+        "7",
+        '{"a.lora_A.weight": 4}',
+        '{"a.lora_A.weight": [4, -2]}',
+        '{"a.lora_A.weight": [1.5]}',
+        "[[1, 2, 3]]",
+    ],
+)
+def test_w2w_json_layouts_are_checked(tmp_path: Path, layout: str) -> None:
+    from wsa.store.dataset import read_layout_file
+
+    path = tmp_path / "layout.json"
+    path.write_text(layout)
+    with pytest.raises(wsa.FormatError) as info:
+        read_layout_file(path)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+    path.write_text('{"a.lora_A.weight": [1, 4], "a.lora_B.weight": [4, 1]}')
+    assert read_layout_file(path) == [("a.lora_A.weight", (1, 4)), ("a.lora_B.weight", (4, 1))]
+
+
+def test_analyze_does_not_write_through_planted_symlinks(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        t = good_kohya()
+        t[f"{KEY}.lora_up.weight"] = torch.randn(8, 4, generator=g)
+        (folder / f"m{i}.safetensors").write_bytes(save(t))
+    out, victim = tmp_path / "out", tmp_path / "victim"
+    out.mkdir()
+    victim.mkdir()
+    (out / "store").symlink_to(victim)
+    result = CliRunner().invoke(main, ["analyze", str(folder), "--analyzers", "pca", "--out", str(out)])
+    assert result.exit_code == 1 and "symlink" in result.output, result.output
+    assert list(victim.iterdir()) == []
+    (out / "store").unlink()
+    result = CliRunner().invoke(main, ["analyze", str(folder), "--analyzers", "pca", "--out", str(out)])
+    assert result.exit_code == 0, result.output

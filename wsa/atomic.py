@@ -53,10 +53,28 @@ def write_with(path: str | Path, writer: Callable[[str], object]) -> Path:
     return path
 
 
+def own_folder(parent: str | Path, name: str) -> Path:
+    """``parent/name`` as a folder wsa may write into: refused if it is a symlink or resolves elsewhere.
+
+    Why: an output folder is the user's, but what is already inside it may not be (a ``store`` or
+    ``adapters`` link planted there would make wsa write, or replace, files in the link's target).
+    """
+    from wsa.errors import ConfigError
+
+    parent, path = Path(parent), Path(parent) / name
+    if path.is_symlink() or (path.exists() and path.resolve().parent != parent.resolve()):
+        raise ConfigError(
+            f"{path} is a symlink; wsa writes only into folders it owns (remove it, or choose another --out)"
+        )
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a folder; remove it, or choose another --out")
+    return path
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     return write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_json(path: str | Path, data: Any, indent: int | None = 1) -> Path:
     """Sorted-key JSON (stable bytes for the same content)."""
-    return write_bytes(path, json.dumps(data, indent=indent, sort_keys=True).encode("utf-8"))
+    return write_bytes(path, json.dumps(data, indent=indent, sort_keys=True, allow_nan=False).encode("utf-8"))

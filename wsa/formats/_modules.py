@@ -114,12 +114,24 @@ def build_module(
             raise FormatError(f"module {name!r} has an incomplete or mixed set of parts {sorted(parts)}", path)
     except (KeyError, IndexError, RuntimeError, ValueError) as exc:
         raise FormatError(f"module {name!r}: inconsistent factor shapes ({exc})", path) from None
+    if math.prod(mod.shape) > MAX_MODULE_VALUES:
+        raise FormatError(
+            f"module {name!r}: its ΔW would be {'×'.join(map(str, mod.shape))} values, larger than any model's layer",
+            path,
+        )
     if "magnitude" in tensors:
         axis = dora_axis or ("out" if tensors["magnitude"].shape[0] == mod.shape[0] else "in")
         mod = ModuleWeights(mod.kind, tensors, mod.shape, mod.rank, mod.alpha, mod.scale, axis)  # type: ignore[arg-type]
     _check_product(name, mod, path)
     return mod
 
+
+#: |alpha| accepted (0 aside): real ones are 0.1 … 10⁴. Outside, the scale is a poison, not a setting: an alpha of
+#: 1e-45 as a collection's reference scale would make every other file's rescaled factors overflow.
+ALPHA_RANGE = (1e-6, 1e6)
+#: Largest ΔW (values) one module may describe: 2²⁷ is ~2× the largest layer of any 2026 DiT (Wan 2.x's 5120×13824).
+#: Why a cap: LoHa/LoKr factors of a few kB can claim a ΔW of terabytes (checking it forms it, in float64).
+MAX_MODULE_VALUES = 1 << 27
 
 #: Dimensions each factor may have: 2 (Linear), 4 (Conv2d), 5 (Conv3d, e.g. Wan's patch embedding), 1 (biases, DoRA).
 _FACTOR_DIMS = {"bias": (1,), "magnitude": (1, 2, 4, 5)}
@@ -130,6 +142,12 @@ def _check_parts(name: str, parts: Mapping[str, Tensor], alpha: float | None, pa
     matrices, rank 0, a non-finite alpha. Why here: every reader builds its modules through this function."""
     if alpha is not None and not math.isfinite(alpha):
         raise FormatError(f"module {name!r}: alpha {alpha} is not finite", path)
+    if alpha is not None and alpha != 0 and not ALPHA_RANGE[0] <= abs(alpha) <= ALPHA_RANGE[1]:
+        raise FormatError(
+            f"module {name!r}: alpha {alpha:.4g} is outside any trainer's range "
+            f"({ALPHA_RANGE[0]:g} to {ALPHA_RANGE[1]:g} in magnitude)",
+            path,
+        )
     for part, t in parts.items():
         if not t.is_floating_point():
             raise FormatError(
@@ -169,6 +187,14 @@ def _lora(name: str, t: dict[str, Tensor], alpha: float | None, rslora: bool) ->
     rank = down.shape[0]
     if up.shape[1] != rank:
         raise ValueError(f"up {tuple(up.shape)} does not match down {tuple(down.shape)}")
+    if any(d != 1 for d in up.shape[2:]):
+        raise ValueError(f"up {tuple(up.shape)} must be out × rank (× 1 × 1 for a conv)")
+    if up.dim() > 2 and up.dim() != down.dim():
+        raise ValueError(f"up {tuple(up.shape)} and down {tuple(down.shape)} have different numbers of dimensions")
+    if "mid" in t:
+        mid = t["mid"]
+        if down.dim() != 4 or mid.dim() != 4 or mid.shape[:2] != (rank, rank) or any(d != 1 for d in down.shape[2:]):
+            raise ValueError(f"mid {tuple(mid.shape)} must be rank × rank × kh × kw with down rank × in × 1 × 1")
     if "mid" in t:
         shape: tuple[int, ...] = (up.shape[0], down.shape[1], *t["mid"].shape[2:])
     elif down.dim() > 2:  # Conv2d / Conv3d (Wan's patch embedding)
@@ -344,6 +370,8 @@ def _rank(value: object, field: str, path: object) -> int:
 def _alpha(value: object, field: str, path: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise FormatError(f"{field} must be a finite number, not {str(value)[:40]!r}", path)
+    if value != 0 and not ALPHA_RANGE[0] <= abs(value) <= ALPHA_RANGE[1]:
+        raise FormatError(f"{field} {value:.4g} is outside any trainer's range ({ALPHA_RANGE[1]:g} at most)", path)
     return float(value)
 
 

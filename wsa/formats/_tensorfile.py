@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import struct
+import warnings
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -81,7 +82,9 @@ class TensorFile:
     @cached_property
     def _pickle_state(self) -> dict[str, Tensor]:
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=_is_zip(self.path))
+            with warnings.catch_warnings():  # a hostile pickle's deprecation warnings are not the user's business
+                warnings.simplefilter("ignore")
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=_is_zip(self.path))
         except Exception as exc:
             raise FormatError(
                 f"refused to load pickle with weights_only=True ({_one_line(exc)}); "
@@ -93,7 +96,15 @@ class TensorFile:
                 f"pickle holds {type(obj).__name__}, not a dict of tensors; convert it to .safetensors",
                 self.path,
             )
-        return {str(k): v for k, v in obj.items()}
+        out: dict[str, Tensor] = {}
+        for k, v in obj.items():
+            key = str(k)
+            if key in out:
+                raise FormatError(f"pickle has two tensors named {key[:200]!r} (keys {k!r} and another)", self.path)
+            if v.dtype not in _DTYPES.values() or v.is_sparse or v.is_quantized or v.is_complex():
+                raise FormatError(f"tensor {key[:200]!r} has unsupported type {v.dtype} ({v.layout})", self.path)
+            out[key] = v.detach()  # a saved nn.Parameter is a tensor that requires grad
+        return out
 
     @property
     def keys(self) -> list[str]:

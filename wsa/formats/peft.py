@@ -20,6 +20,8 @@ from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
 
 CONFIG = "adapter_config.json"
+#: A PEFT config is a few kB (a rank_pattern for every module of a DiT: ~1 MB).
+MAX_CONFIG_BYTES = 16 << 20
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 #: Pipeline component folder -> canonical module prefix.
 COMPONENTS = {
@@ -61,6 +63,8 @@ def read_config(path: Path) -> tuple[dict, dict]:
     ``lora_alpha``/``alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora`` present and typed (peft's
     defaults where absent: r=8, alpha=8). Every problem is one :class:`FormatError` naming the file and the field.
     """
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise FormatError(f"adapter_config.json is larger than {MAX_CONFIG_BYTES >> 20} MB; not a PEFT config", path)
     try:
         config = json.loads(path.read_bytes())
     except RecursionError:

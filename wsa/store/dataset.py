@@ -43,11 +43,25 @@ def read_layout_file(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     """``[(key, shape)]`` in flattening order."""
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise FormatError(f"layout is not valid JSON ({exc})", path) from None
-        items = data.items() if isinstance(data, dict) else data
-        return [(str(k), tuple(int(d) for d in shape)) for k, shape in items]
+            data = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as exc:
+            raise FormatError(f"layout is not valid JSON ({str(exc).splitlines()[0][:200]})", path) from None
+        if isinstance(data, dict):
+            items = list(data.items())
+        elif isinstance(data, list) and all(isinstance(e, list) and len(e) == 2 for e in data):
+            items = [tuple(e) for e in data]
+        else:
+            raise FormatError("layout must be an object key -> shape, or a list of [key, shape] pairs", path)
+        out = []
+        for key, shape in items:
+            ok = isinstance(shape, list) and 0 < len(shape) <= 5
+            ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 31 for d in shape)
+            if not isinstance(key, str) or not ok:
+                raise FormatError(f"layout entry {str(key)[:80]!r}: shape must be a list of positive integers", path)
+            out.append((key, tuple(shape)))
+        if not out:
+            raise FormatError("layout lists no tensors", path)
+        return out
     if path.suffix in {".pt", ".pth", ".bin"}:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)

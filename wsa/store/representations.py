@@ -135,9 +135,10 @@ def encode(adapter: Adapter, layout: Layout, out: np.ndarray | None = None) -> n
                 raise Mismatch(f"module {ml.name!r} part {part.name!r} has shape {got}, layout expects {part.shape}")
             # numpy casts on assignment: no float32 temporary of the part (bf16 has no numpy dtype: convert)
             flat = t.reshape(-1)
-            row[part.offset : part.offset + part.size] = (
-                flat if flat.dtype != torch.bfloat16 else flat.float()
-            ).numpy()
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is found (and named) before writing
+                row[part.offset : part.offset + part.size] = (
+                    flat if flat.dtype != torch.bfloat16 else flat.float()
+                ).numpy()
     return row
 
 
@@ -198,6 +199,11 @@ def delta_norm(adapter: Adapter) -> float:
     dense ΔW is formed; at rank 1 that is ``s²·‖b‖²·‖a‖²`` with the sums of squares taken by
     :func:`sum_of_squares`, the arithmetic the ingest fast path repeats for a whole row at once.
     """
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _delta_norm(adapter)
+
+
+def _delta_norm(adapter: Adapter) -> float:
     total = 0.0
     for mod in adapter.modules.values():
         if mod.kind == "lora" and "mid" not in mod.tensors:
