@@ -403,3 +403,33 @@ def test_analyze_does_not_write_through_planted_symlinks(tmp_path: Path) -> None
     (out / "store").unlink()
     result = CliRunner().invoke(main, ["analyze", str(folder), "--analyzers", "pca", "--out", str(out)])
     assert result.exit_code == 0, result.output
+
+
+def test_more_modules_than_any_model_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsa.formats._modules as modules
+
+    blocks = [f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_{x}" for x in ("q", "k", "v")]
+    tensors = {f"{b}.lora_down.weight": torch.randn(2, 8) for b in blocks}
+    tensors.update({f"{b}.lora_up.weight": torch.randn(8, 2) for b in blocks})
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(save(tensors))
+    assert len(wsa.load_adapter(path).modules) == 3
+    monkeypatch.setattr(modules, "MAX_MODULES", 2)
+    expect(path, "3 modules: more than any model has")
+
+
+def test_label_tables_too_wide_or_with_huge_names(tmp_path: Path) -> None:
+    from wsa.labels import MAX_COLUMN_NAME, MAX_COLUMNS, load_labels
+
+    ids = ["a", "b"]
+    ok = tmp_path / "ok.csv"
+    ok.write_text("id,beard\na,1\nb,0\n")
+    assert list(load_labels(ok, ids).columns) == ["beard"]
+    long_name = tmp_path / "long.csv"
+    long_name.write_text(f"id,{'x' * (MAX_COLUMN_NAME + 1)}\na,1\nb,0\n")
+    wide = tmp_path / "wide.csv"
+    wide.write_text("id," + ",".join(f"c{i}" for i in range(MAX_COLUMNS + 1)) + "\na" + ",1" * (MAX_COLUMNS + 1) + "\n")
+    for path, fragment in ((long_name, "longer than"), (wide, "more than")):
+        with pytest.raises(wsa.WsaError, match=fragment) as info:
+            load_labels(path, ids)
+        assert str(info.value).startswith(str(path))

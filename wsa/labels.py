@@ -45,6 +45,10 @@ from wsa.errors import ConfigError, FormatError
 ID_COLUMN_NAMES = ("id", "model", "name", "file")
 #: A non-numeric column with more distinct values than this is not probed (one-vs-rest would be noise).
 MAX_CATEGORIES = 50
+#: Label columns one table may have (each is probed and plotted) and the longest column name (it labels figures).
+MAX_COLUMNS = 1000
+MAX_COLUMN_NAME = 200
+
 #: Two-valued string columns whose meaning is known: the first of each pair maps to 1.
 KNOWN_BINARY_PAIRS = (
     ("true", "false"),
@@ -121,7 +125,13 @@ def load_labels(path: str | Path, ids: Sequence[str], *, id_column: str | None =
         )
     table = _read_table(path, kind)
     table.columns = [str(c).strip() for c in table.columns]
+    if len(table.columns) > MAX_COLUMNS:
+        raise FormatError(
+            f"{len(table.columns)} columns: more than {MAX_COLUMNS} attributes to probe; keep the ones to study", path
+        )
     for c in table.columns:
+        if len(c) > MAX_COLUMN_NAME:
+            raise FormatError(f"column name {_show(c)} is longer than {MAX_COLUMN_NAME} characters; rename it", path)
         if any(unicodedata.category(ch) == "Cc" for ch in c):
             raise FormatError(f"column name {_show(c)} holds control characters; rename it", path)
     if table.shape[1] == 0:

@@ -45,7 +45,14 @@ def split_keys(keys: list[str], suffixes: Mapping[str, str], path: object) -> di
         raise FormatError(f"unexpected keys {_show(leftovers)}: not part of any adapter algorithm wsa reads", path)
     if not modules:
         raise FormatError("file holds no adapter tensors", path)
+    if len(modules) > MAX_MODULES:
+        raise FormatError(f"{len(modules)} modules: more than any model has (at most {MAX_MODULES})", path)
     return modules
+
+
+#: Modules one file may hold: a full Flux.1 LoRA with both text encoders has ~1,100; naming a family for each
+#: module costs ~1 ms, so this also bounds the time one file can take.
+MAX_MODULES = 10_000
 
 
 def _show(keys: list[str], n: int = 3) -> str:
