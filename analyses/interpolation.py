@@ -22,9 +22,9 @@ from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
 from wsa.labels import describe_attributes
+from wsa.palette import CYCLE, OKABE_ITO
 from wsa.sampling import interpolate_pc, interpolate_weights, probe_scores
 
-OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 #: Candidate pairs scored when choosing pairs automatically (keeps the choice O(1) in n_models).
 N_CANDIDATES = 5000
 #: Figure size limits: at most this many attributes (columns) in the small multiples.
@@ -495,13 +495,15 @@ class Interpolation(Analyzer):
             for j, a in enumerate(attrs):
                 ax = axes[p, j]
                 s = self.scores_["pc"][a][p]
-                ax.plot(steps, np.linspace(s[0], s[-1], self.steps), color="#999999", linestyle=":", linewidth=1)
-                ax.plot(steps, s, color=OKABE_ITO[0], marker="o", markersize=3, linewidth=1.5, label="PC path")
+                ax.plot(
+                    steps, np.linspace(s[0], s[-1], self.steps), color=OKABE_ITO["grey"], linestyle=":", linewidth=1
+                )
+                ax.plot(steps, s, color=CYCLE[0], marker="o", markersize=3, linewidth=1.5, label="PC path")
                 if a in self.scores_["weight"]:
                     ax.plot(
                         steps,
                         self.scores_["weight"][a][p],
-                        color=OKABE_ITO[1],
+                        color=CYCLE[1],
                         linestyle="--",
                         linewidth=1.2,
                         label="weight path",
@@ -532,8 +534,8 @@ class Interpolation(Analyzer):
         assert self.residual_fractions_ is not None
         fig, ax = plt.subplots(figsize=(6, 3.4))
         for p, r in enumerate(self.residual_fractions_):
-            ax.plot(self.t_, r, marker="o", markersize=3, color=OKABE_ITO[p % len(OKABE_ITO)], label=f"pair {p}")
-        ax.axhline(0.0, color="#999999", linestyle=":", linewidth=1, label="PC path (in the space)")
+            ax.plot(self.t_, r, marker="o", markersize=3, color=CYCLE[p % len(CYCLE)], label=f"pair {p}")
+        ax.axhline(0.0, color=OKABE_ITO["grey"], linestyle=":", linewidth=1, label="PC path (in the space)")
         ax.set_xlabel("t (0 = first model, 1 = second)")
         ax.set_ylabel("residual off the space\n(fraction of ‖x − mean‖)")
         ax.legend(fontsize=7, frameon=False, ncol=2)

@@ -20,14 +20,16 @@ import pandas as pd
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
 from wsa.analyses.manifold import encoded_labels
+from wsa.analyses.metrics import rank_auc
+from wsa.palette import OKABE_ITO
 
 #: Colours per UNet stage (Okabe–Ito), so the bar chart reads down → mid → up at a glance.
 STAGE_COLOURS = {
-    "down": "#0072B2",
-    "mid": "#E69F00",
-    "up": "#D55E00",
-    "other": "#009E73",
-    "text": "#CC79A7",
+    "down": OKABE_ITO["blue"],
+    "mid": OKABE_ITO["orange"],
+    "up": OKABE_ITO["vermillion"],
+    "other": OKABE_ITO["green"],
+    "text": OKABE_ITO["purple"],
 }
 #: Readable module labels in figures: the long diffusers path pieces that carry no information.
 _ABBREVIATIONS = (
@@ -98,19 +100,6 @@ def _ridge_predict(z_train: np.ndarray, y_train: np.ndarray, z_test: np.ndarray,
     a = z_train - mu_z
     w = np.linalg.solve(a.T @ a + alpha * np.eye(a.shape[1]), a.T @ (y_train - mu_y))
     return (z_test - mu_z) @ w + mu_y
-
-
-def rank_auc(y01: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC by the Mann–Whitney U statistic (ties count half); NaN with one class only."""
-    from scipy.stats import rankdata
-
-    pos = y01 == 1
-    n1 = int(pos.sum())
-    n0 = len(y01) - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = rankdata(score)
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def probe_score(z: np.ndarray, y: np.ndarray, kind: str, random_state: int) -> tuple[float, str]:

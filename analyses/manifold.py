@@ -17,10 +17,10 @@ import pandas as pd
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
+from wsa.palette import CYCLE
 
 METHODS = ("pca", "umap", "tsne")
 #: Okabe & Ito (2008) colour-blind-safe palette, ordered so that two classes get blue vs vermillion.
-OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#E69F00", "#56B4E9", "#CC79A7", "#F0E442", "#000000")
 OTHER_COLOUR = "#BBBBBB"
 #: Attributes per figure (small-multiples grid of at most 3 × 4 panels).
 PANELS_PER_FIGURE = 12
@@ -418,15 +418,15 @@ def _scatter(ax: Any, coords: np.ndarray, vals: np.ndarray, kind: str, size: flo
         ax.figure.colorbar(sc, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
         return
     classes, counts = np.unique(v, return_counts=True)
-    shown = classes[np.argsort(-counts, kind="stable")][: len(OKABE_ITO) - 1 if len(classes) > len(OKABE_ITO) else None]
+    shown = classes[np.argsort(-counts, kind="stable")][: len(CYCLE) - 1 if len(classes) > len(CYCLE) else None]
     colours = np.full(len(v), OTHER_COLOUR, dtype=object)
     for i, c in enumerate(shown):
-        colours[v == c] = OKABE_ITO[i]
+        colours[v == c] = CYCLE[i]
     ax.scatter(*pts.T, s=size, c=list(colours), linewidths=0)
     from matplotlib.lines import Line2D
 
     handles = [
-        Line2D([], [], ls="", marker="o", color=OKABE_ITO[i], label=_short(names.get(int(c), str(c)), 18))
+        Line2D([], [], ls="", marker="o", color=CYCLE[i], label=_short(names.get(int(c), str(c)), 18))
         for i, c in enumerate(shown)
     ]
     if len(shown) < len(classes):

@@ -24,6 +24,7 @@ import pandas as pd
 
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, fraction, positive_int
+from wsa.palette import OKABE_ITO
 
 #: Consistency constant: MAD × 1.4826 estimates σ for Gaussian data.
 MAD_TO_SIGMA = 1.4826
@@ -398,13 +399,13 @@ class Outliers(Analyzer):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         mask = np.isin(np.asarray(self.ids_, dtype=object), flagged)
         x, y = self.mahalanobis_, self.residual_
-        ax.scatter(x[~mask], y[~mask], s=10, c="#0072B2", alpha=0.5, linewidths=0, label="models")
-        ax.scatter(x[mask], y[mask], s=28, c="#D55E00", marker="D", linewidths=0, label="flagged")
-        ax.axvline(self.maha_threshold_, color="#E69F00", ls="--", lw=1, label="Mahalanobis threshold")
+        ax.scatter(x[~mask], y[~mask], s=10, c=OKABE_ITO["blue"], alpha=0.5, linewidths=0, label="models")
+        ax.scatter(x[mask], y[mask], s=28, c=OKABE_ITO["vermillion"], marker="D", linewidths=0, label="flagged")
+        ax.axvline(self.maha_threshold_, color=OKABE_ITO["orange"], ls="--", lw=1, label="Mahalanobis threshold")
         if self.residual_z_ is not None:
             med = np.median(y)
             line = med + self.z_threshold * MAD_TO_SIGMA * np.median(np.abs(y - med))
-            ax.axhline(line, color="#CC79A7", ls="--", lw=1, label="residual threshold")
+            ax.axhline(line, color=OKABE_ITO["purple"], ls="--", lw=1, label="residual threshold")
         ax.set_xscale("log")
         worst = sorted(np.flatnonzero(mask), key=lambda i: -x[i] / self.maha_threshold_)[:MAX_LABELS]
         for i in worst:

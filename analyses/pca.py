@@ -24,6 +24,7 @@ from wsa.analyses.base import (
     fraction,
     positive_int,
 )
+from wsa.palette import OKABE_ITO
 
 
 def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: int = 2048) -> np.ndarray:
@@ -149,10 +150,10 @@ class PCA(Analyzer):
         figures = []
         k = np.arange(1, self.k_ + 1)
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-        axes[0].semilogy(k, self.ratio_, color="#0072B2", lw=1.5)
+        axes[0].semilogy(k, self.ratio_, color=OKABE_ITO["blue"], lw=1.5)
         axes[0].set(xlabel="principal component", ylabel="explained variance ratio", title="Spectrum")
-        axes[1].plot(k, self.cumulative_, color="#0072B2", lw=1.5)
-        for frac, color in ((0.9, "#E69F00"), (0.95, "#D55E00"), (0.99, "#CC79A7")):
+        axes[1].plot(k, self.cumulative_, color=OKABE_ITO["blue"], lw=1.5)
+        for frac, color in ((0.9, OKABE_ITO["orange"]), (0.95, OKABE_ITO["vermillion"]), (0.99, OKABE_ITO["purple"])):
             axes[1].axhline(frac, color=color, ls="--", lw=1, label=f"{frac:.0%}")
         axes[1].set(xlabel="number of PCs", ylabel="cumulative explained variance", ylim=(0, 1.02), title="Cumulative")
         axes[1].legend(loc="lower right", frameon=False)
@@ -165,7 +166,7 @@ class PCA(Analyzer):
             )
         )
         fig, ax = plt.subplots(figsize=(5, 3.4))
-        ax.hist(self.residual_, bins=40, color="#009E73")
+        ax.hist(self.residual_, bins=40, color=OKABE_ITO["green"])
         ax.set(xlabel=f"unexplained fraction of ‖x − mean‖² with k={self.eval_k_} PCs", ylabel="models")
         ax.ticklabel_format(axis="x", style="plain", useOffset=False)
         figures.append(
@@ -192,8 +193,8 @@ class PCA(Analyzer):
         if self.heldout_ is not None:
             h = self.heldout_
             fig, ax = plt.subplots(figsize=(5.5, 3.6))
-            ax.plot(h["k"], h["train_error"], "o-", color="#0072B2", label="fitted models")
-            ax.plot(h["k"], h["heldout_error"], "s-", color="#D55E00", label="held-out models")
+            ax.plot(h["k"], h["train_error"], "o-", color=OKABE_ITO["blue"], label="fitted models")
+            ax.plot(h["k"], h["heldout_error"], "s-", color=OKABE_ITO["vermillion"], label="held-out models")
             ax.set(xscale="log", xlabel="number of PCs k", ylabel="relative reconstruction error", ylim=(0, 1.02))
             ax.legend(frameon=False)
             figures.append(

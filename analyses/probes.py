@@ -27,9 +27,11 @@ import pandas as pd
 
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table
+from wsa.analyses.metrics import rank_auc
 from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, StoreError
 from wsa.labels import AttributeInfo, describe_attributes
+from wsa.palette import OKABE_ITO
 
 #: Bumped when the layout of ``directions.safetensors`` / ``directions.json`` changes.
 DIRECTIONS_VERSION = 1
@@ -50,7 +52,7 @@ NEWTON_MAX_K = 256
 #: Heatmaps print their values when there are at most this many directions.
 ANNOTATE_MAX = 15
 # Okabe–Ito colours (colour-blind safe).
-_BLUE, _ORANGE, _VERMILLION, _GREY = "#0072B2", "#E69F00", "#D55E00", "#999999"
+_BLUE, _ORANGE, _VERMILLION, _GREY = OKABE_ITO["blue"], OKABE_ITO["orange"], OKABE_ITO["vermillion"], OKABE_ITO["grey"]
 
 
 def _int_at_least(low: int):
@@ -848,25 +850,12 @@ def _debias(
     return out, retained
 
 
-def _fast_auc(y: np.ndarray, s: np.ndarray) -> float:
-    """ROC AUC by ranks (ties averaged); NaN when only one class is present."""
-    from scipy.stats import rankdata
-
-    pos = y == 1
-    n1 = int(pos.sum())
-    n0 = len(y) - n1
-    if n1 == 0 or n0 == 0:
-        return np.nan
-    ranks = rankdata(s)
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def _score(kind: str, y: np.ndarray, pred: np.ndarray) -> tuple[float, float | None]:
     """(headline score, accuracy or None) of out-of-fold predictions."""
     if kind == "binary":
-        return _fast_auc(y, pred), float(np.mean((pred > 0) == (y == 1)))
+        return rank_auc(y, pred), float(np.mean((pred > 0) == (y == 1)))
     if kind == "categorical":
-        aucs = [_fast_auc((y == j).astype(float), pred[:, j]) for j in range(pred.shape[1])]
+        aucs = [rank_auc((y == j).astype(float), pred[:, j]) for j in range(pred.shape[1])]
         aucs = [a for a in aucs if np.isfinite(a)]
         return (float(np.mean(aucs)) if aucs else np.nan), float(np.mean(np.argmax(pred, axis=1) == y))
     sst = float(np.sum((y - y.mean()) ** 2))

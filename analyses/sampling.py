@@ -19,10 +19,10 @@ from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
 from wsa.labels import describe_attributes
+from wsa.palette import CYCLE, OKABE_ITO
 from wsa.sampling import fit_gaussian, novelty, novelty_summary, probe_scores, train_nn_distances
 
 #: Okabe-Ito colours (colour-blind safe): data labels, probe on data, then one per sampler kind.
-OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
 MEMORISED_PERCENTILE = 5.0
 
 
@@ -413,7 +413,12 @@ class Sampling(Analyzer):
         everything = np.concatenate([self.train_nn_, *self.novelty_.values()])
         bins = np.linspace(0.0, float(everything.max()) * 1.02 + 1e-12, 40)
         ax.hist(
-            self.train_nn_, bins=bins, density=True, color="#999999", alpha=0.6, label="training (leave-one-out NN)"
+            self.train_nn_,
+            bins=bins,
+            density=True,
+            color=OKABE_ITO["grey"],
+            alpha=0.6,
+            label="training (leave-one-out NN)",
         )
         for i, (kind, d) in enumerate(self.novelty_.items()):
             ax.hist(
@@ -422,12 +427,12 @@ class Sampling(Analyzer):
                 density=True,
                 histtype="step",
                 linewidth=2,
-                color=OKABE_ITO[2 + i],
+                color=CYCLE[2 + i],
                 label=f"samples: {kind}",
             )
         ax.axvline(
             self.memorised_threshold_,
-            color="#D55E00",
+            color=OKABE_ITO["vermillion"],
             linestyle="--",
             linewidth=1,
             label=f"{MEMORISED_PERCENTILE:g}th pct of training (memorised below)",
@@ -469,7 +474,7 @@ class Sampling(Analyzer):
             for j, col in enumerate(series):
                 vals = pd.to_numeric(part[col], errors="coerce").to_numpy(dtype=float)
                 xs = x + (j - (len(series) - 1) / 2) * width
-                style = {"color": OKABE_ITO[j], "label": col.replace("_", " ")}
+                style = {"color": CYCLE[j], "label": col.replace("_", " ")}
                 if kind == "rates":
                     ax.bar(xs, vals, width, **style)  # a NaN rate (no label column) draws no bar
                 else:

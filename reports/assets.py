@@ -8,17 +8,6 @@ word, sort direction an arrow, metric direction an arrow and a title).
 
 from __future__ import annotations
 
-# Okabe & Ito (2008), "Color Universal Design": the accents used below.
-OKABE_ITO = {
-    "blue": "#0072B2",
-    "orange": "#E69F00",
-    "sky": "#56B4E9",
-    "green": "#009E73",
-    "yellow": "#F0E442",
-    "vermillion": "#D55E00",
-    "purple": "#CC79A7",
-}
-
 CSS = """
 :root {
   --fg: #1b1f24; --muted: #57606a; --bg: #ffffff; --panel: #f6f8fa; --line: #d0d7de;
