@@ -1,7 +1,7 @@
 """Measurements of the embedded world with the attribute oracle: is the base model's output recognisable,
 does each zoo LoRA reproduce its identity, and how far above chance.
 
-``python -m wsa.worlds.measure --family faces --zoo ZOO [--identities 100 --seeds 8] --out m.json``
+``python benchmarks/measure_world.py --family faces --zoo ZOO [--identities 100 --seeds 8] --out m.json``
 prints and writes the numbers docs/world.md quotes.
 
 Definitions
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsa.worlds import builtin_base, get_family
     from wsa.worlds.oracle import builtin_oracle
 
-    p = argparse.ArgumentParser(prog="python -m wsa.worlds.measure", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/measure_world.py", description=__doc__.splitlines()[0])
     p.add_argument("--family", required=True)
     p.add_argument("--zoo", required=True)
     p.add_argument("--base", default=None)
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     oracle = Oracle.load(args.oracle, args.device) if args.oracle else builtin_oracle(args.family, args.device)
     record = {
         "family": args.family,
-        "command": "python -m wsa.worlds.measure " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/measure_world.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "oracle_held_out": oracle.info.get("held_out"),
         "base_samples": sample_confidence(model, oracle, family, args.samples, device=args.device, steps=args.steps),
         "identity_fidelity": identity_fidelity(

@@ -1,7 +1,7 @@
 """Measure the w2w applications on an embedded world with its attribute oracle: edits, identity
 persistence, inversion (in and out of family, against direct fine-tuning) and sampling.
 
-``python -m wsa.worlds.measure_apps --space REPORT --labels zoo/attributes.csv --out apps.json``
+``python benchmarks/measure_apps.py --space REPORT --labels zoo/attributes.csv --out apps.json``
 (GPU recommended; the numbers docs/applications.md quotes). Definitions are in that page.
 """
 
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     from wsa.workspace import Workspace
     from wsa.worlds.oracle import builtin_oracle
 
-    p = argparse.ArgumentParser(prog="python -m wsa.worlds.measure_apps", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python benchmarks/measure_apps.py", description=__doc__.splitlines()[0])
     p.add_argument("--space", required=True)
     p.add_argument("--labels", required=True)
     p.add_argument("--out", required=True)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = load_labels(args.labels, ws.ids)
     seeds = list(range(args.seeds))
     record: dict[str, Any] = {
-        "command": "python -m wsa.worlds.measure_apps " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/measure_apps.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
     }
     only = args.only.split(",")
