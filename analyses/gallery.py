@@ -22,7 +22,7 @@ from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
 from wsa.editing import step_rows
 from wsa.errors import ConfigError
-from wsa.worlds import tile_images
+from wsa.images import tile_images
 
 
 def _seeds_ok(v: Any) -> bool:

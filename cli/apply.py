@@ -147,7 +147,7 @@ class Job:
         return self.decoder.images(rows, assignment, seeds, prompts, **kw)
 
     def write_grid(self, images: Any, columns: int, labels: list[str] | None = None, name: str = "grid.png") -> Path:
-        from wsa.worlds import save_grid
+        from wsa.images import save_grid
 
         path = save_grid(images, self.out / name, columns)
         self.record.setdefault("images", []).append({"file": str(path), "columns": columns, "rows": labels})

@@ -43,7 +43,8 @@ def render(family: str, out: str, n: int, seed: int, size: int, columns: int | N
     import pandas as pd
 
     from wsa.atomic import write_with
-    from wsa.worlds import get_family, save_grid
+    from wsa.images import save_grid
+    from wsa.worlds import get_family
 
     fam = get_family(family)
     identities = fam.sample_identities(n, seed)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from wsa.cli import main
 from wsa.errors import ConfigError
+from wsa.images import save_grid, tile_images
 from wsa.worlds import (
     FAMILIES,
     IDENTITY_TOKEN,
@@ -26,9 +27,7 @@ from wsa.worlds import (
     available_families,
     get_family,
     register_family,
-    save_grid,
     sdf,
-    tile_images,
 )
 from wsa.worlds.dogs import coat_colour
 from wsa.worlds.faces import skin_colour

@@ -70,32 +70,6 @@ def builtin_base(family: str) -> Path:
     return folder
 
 
-def tile_images(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
-    """Images (B, 3, H, W) in [0, 1] as one grid picture, row-major, no gaps.
-
-    Returns
-    -------
-    ndarray of shape (rows * H, columns * W, 3), uint8
-        ``columns`` defaults to ``ceil(sqrt(B))``; missing tiles of the last row are black.
-    """
-    n, _, h, w = images.shape
-    columns = max(1, columns or math.ceil(math.sqrt(max(n, 1))))
-    rows = max(1, math.ceil(n / columns))
-    pixels = np.zeros((rows * columns, h, w, 3), dtype=np.uint8)
-    pixels[:n] = (images.detach().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
-    return pixels.reshape(rows, columns, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, columns * w, 3)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None) -> Path:
-    """Write :func:`tile_images` of ``images`` as a PNG at ``path`` (atomically)."""
-    from PIL import Image
-
-    from wsa.atomic import write_with
-
-    picture = Image.fromarray(tile_images(images, columns))
-    return write_with(path, lambda tmp: picture.save(tmp, format="PNG"))
-
-
 from wsa.worlds import dogs, faces  # noqa: E402  (built-in families register themselves)
 
 __all__ = [
@@ -111,6 +85,4 @@ __all__ = [
     "faces",
     "get_family",
     "register_family",
-    "save_grid",
-    "tile_images",
 ]

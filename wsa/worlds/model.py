@@ -447,17 +447,3 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def image_grid(images: Tensor, columns: int = 8) -> Any:
-    """``(B, 3, H, W)`` in [0, 1] → a PIL image with the tiles row-major (1-pixel white gutters)."""
-    from PIL import Image
-
-    b, _, h, w = images.shape
-    rows = (b + columns - 1) // columns
-    canvas = torch.ones(3, rows * (h + 1) + 1, columns * (w + 1) + 1)
-    for i in range(b):
-        r, c = divmod(i, columns)
-        canvas[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i]
-    array = (canvas.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    return Image.fromarray(array)

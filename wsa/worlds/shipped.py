@@ -99,7 +99,8 @@ def unpack_zoo(
     from tqdm.auto import tqdm
 
     from wsa.export import write_adapter
-    from wsa.worlds import get_family, save_grid
+    from wsa.images import save_grid
+    from wsa.worlds import get_family
 
     folder = Path(source) if source is not None else shipped_zoo(family)
     ids, stacks, alpha, rank = packed_adapters(folder)

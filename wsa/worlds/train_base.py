@@ -36,7 +36,8 @@ from torch import Tensor
 from wsa.atomic import write_with
 from wsa.devices import resolve_device
 from wsa.errors import ConfigError
-from wsa.worlds.model import BaseModel, ModelConfig, image_grid
+from wsa.images import image_grid
+from wsa.worlds.model import BaseModel, ModelConfig
 from wsa.worlds.runtime import alphas_cumprod, config_parser, hardware
 
 CHECKPOINT = "checkpoint.pt"

@@ -260,7 +260,8 @@ def build_zoo(family: Family, base: str | Path | None, out: str | Path, **option
     from tqdm.auto import tqdm
 
     from wsa.export import write_adapter
-    from wsa.worlds import builtin_base, save_grid
+    from wsa.images import save_grid
+    from wsa.worlds import builtin_base
 
     unknown = sorted(set(options) - set(ZooConfig.__dataclass_fields__))
     if unknown:
