@@ -7,7 +7,6 @@ exactly what produced it (command, resolved config, versions, input fingerprint,
 from __future__ import annotations
 
 import difflib
-import hashlib
 import platform
 import re
 import sys
@@ -254,15 +253,6 @@ def load_config(path: str | Path) -> AnalyzeConfig:
     except (ValueError, TypeError, OverflowError) as exc:  # pragma: no cover - tomllib raises TOMLDecodeError
         raise ConfigError(f"not valid TOML ({type(exc).__name__}: {terminal_safe(exc)})", path) from None
     return AnalyzeConfig.from_mapping(data, str(path))
-
-
-def store_fingerprint(store: Store) -> str:
-    """sha256 over (id, content hash) of every row: changes iff the inputs change."""
-    h = hashlib.sha256()
-    for row in store.rows:
-        h.update(f"{row['id']}\0{row.get('sha256')}\n".encode())
-    h.update(store.repr.encode())
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -523,7 +513,7 @@ def run_analysis(
         "command": list(argv) if argv is not None else None,
         "config": asdict(config) | {"n_components_used": k},
         "inputs": [str(p) for p in inputs],
-        "store": {"path": str(store.path), "fingerprint": store_fingerprint(store), "repr": store.repr},
+        "store": {"path": str(store.path), "fingerprint": store.fingerprint, "repr": store.repr},
         "versions": _versions(),
         "timings_s": {key: round(v, 3) for key, v in timings.items()},
         "warnings": warnings,

@@ -102,7 +102,7 @@ def fit_space_dask(
     import dask.array as da
 
     from wsa import __version__
-    from wsa.space import Space, _flip_signs, _store_fingerprint
+    from wsa.space import Space, _flip_signs
 
     t0 = time.perf_counter()
     n, d = len(store), store.n_features
@@ -146,7 +146,7 @@ def fit_space_dask(
         "device": "dask",
         "source": "store",
         "store_path": str(store.path),
-        "store_fingerprint": _store_fingerprint(store),
+        "store_fingerprint": store.fingerprint,
         "repr": store.repr,
         "dtype": store.manifest["dtype"],
         "n_features": d,

@@ -417,12 +417,6 @@ def _make_source(store_or_matrix: Store | np.ndarray, rows: Sequence[int] | np.n
     return _Source(matrix, idx, tuple(all_ids[i] for i in idx), store)
 
 
-def _store_fingerprint(store: Store) -> str:
-    """sha256 over the rows' (id, content sha256) list: changes when any row's source files change."""
-    pairs = [[r["id"], r.get("sha256")] for r in store.rows]
-    return hashlib.sha256(json.dumps(pairs, separators=(",", ":")).encode()).hexdigest()
-
-
 class _Moments:
     """Column mean and sum of squared deviations in float64, merged block by block (Chan et al. 1979).
 
@@ -911,7 +905,7 @@ def fit_space(
         "gpu_cache_bytes": _gpu_cache_bytes(dev, gpu_cache_bytes) if used == "streaming" else 0,
         "source": "store" if store is not None else "array",
         "store_path": str(store.path) if store is not None else None,
-        "store_fingerprint": _store_fingerprint(store) if store is not None else None,
+        "store_fingerprint": store.fingerprint if store is not None else None,
         "repr": store.repr if store is not None else None,
         "dtype": str(source.matrix.dtype),
         "n_features": d,

@@ -13,6 +13,7 @@ Format (version 1), all in one folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -62,6 +63,18 @@ class Store:
         except (ValueError, RecursionError) as exc:
             raise StoreError(f"{MANIFEST} is not valid JSON ({_first_line(exc)})", self.path) from None
         self.layout: Layout = validate_manifest(self.manifest, self.path)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over the representation and every row's (id, content sha256): changes iff the inputs change.
+
+        The one identity of a store's contents: a fitted space and a report both record it, so either can
+        tell whether it was made from this store.
+        """
+        h = hashlib.sha256(self.repr.encode())
+        for row in self.rows:
+            h.update(f"\0{row['id']}\0{row.get('sha256')}\n".encode())
+        return h.hexdigest()
 
     @property
     def rows(self) -> list[dict[str, Any]]:
