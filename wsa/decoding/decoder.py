@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from wsa.decoding.batched_lora import BatchedLoRA
+from wsa.decoding.schemes import scheme_for
 from wsa.decoding.stacks import stacks_from_adapters
 from wsa.devices import resolve_device
 from wsa.errors import ConfigError
@@ -106,13 +107,12 @@ class Decoder:
         return self.images(rows, assignment, seed_list, prompt_list)
 
     def oracle(self) -> Any:
-        """The family's shipped attribute oracle, or ``None`` when the base is not an embedded world's."""
-        if self.family is None:
+        """The family's attribute oracle (from the base's scheme), or ``None`` when its scheme has none."""
+        scheme = scheme_for(self.base_ref)
+        if self.family is None or scheme is None:
             return None
-        from wsa.worlds.oracle import builtin_oracle
-
         try:
-            return builtin_oracle(self.family)
+            return scheme.oracle(self.family)
         except ConfigError:
             return None
 
@@ -129,28 +129,20 @@ class Decoder:
 def resolve_base(reference: str | Path, config: str | Path | None = None) -> tuple[Any, str]:
     """A base model; returns (model, reference).
 
-    ``builtin:<family>`` or a folder holding ``model.json``: an embedded world's base. A diffusers
-    Stable Diffusion folder (``model_index.json``), or a single ``.safetensors``/``.ckpt`` checkpoint
-    with ``config`` (a diffusers folder of the same model type): a user's own SD 1.x/2.x/XL base.
+    Each registered :class:`~wsa.decoding.schemes.BaseScheme` is asked in turn: the embedded world's
+    (``builtin:<family>``, or a folder holding ``model.json``) and Stable Diffusion's (a diffusers folder
+    with ``model_index.json``, or a single ``.safetensors``/``.ckpt`` checkpoint with ``config``, a diffusers
+    folder of the same model type: a user's own SD 1.x/2.x/XL base).
     """
-    from wsa.worlds import builtin_base
-    from wsa.worlds.model import BaseModel
-
     text = str(reference)
-    if text.startswith("builtin:"):
-        return BaseModel.load(builtin_base(text.split(":", 1)[1])), text
-    path = Path(text)
-    if (path / "model.json").is_file():
-        return BaseModel.load(path), text
-    if (path / "model_index.json").is_file() or (path.is_file() and path.suffix in (".safetensors", ".ckpt")):
-        from wsa.decoding.sd import SDBase
-
-        return SDBase.load(path, config), text
-    raise ConfigError(
-        f"cannot decode on base {text!r}: give builtin:<family> (builtin:faces, builtin:dogs), a folder with "
-        "model.json (from `wsa world train-base`), a diffusers Stable Diffusion folder, or a .safetensors "
-        "checkpoint (with its config folder)"
-    )
+    scheme = scheme_for(text)
+    if scheme is None:
+        raise ConfigError(
+            f"cannot decode on base {text!r}: give builtin:<family> (builtin:faces, builtin:dogs), a folder with "
+            "model.json (from `wsa world train-base`), a diffusers Stable Diffusion folder, or a .safetensors "
+            "checkpoint (with its config folder)"
+        )
+    return scheme.load(text, config), text
 
 
 def _source_candidates(store: Any) -> list[Path]:
@@ -198,14 +190,11 @@ def make_decoder(
     model: Any, reference: str, layout: Any, prompt: str | None, device: str = "auto", steps: int = 25
 ) -> Decoder:
     """A :class:`Decoder` on a resolved base: family (world bases), default guidance and prompt checked."""
-    from wsa.worlds import get_family
-    from wsa.worlds.family import IDENTITY_TOKEN
-
     family = getattr(model, "family", None)
     family = family if isinstance(family, str) else None
-    if prompt is None and family is not None:
-        fam = get_family(family)
-        prompt = fam.prompt(fam.neutral_nuisance().iloc[0], token=IDENTITY_TOKEN)
+    scheme = scheme_for(reference)
+    if prompt is None and family is not None and scheme is not None:
+        prompt = scheme.prompt(family)
     device = str(resolve_device(device))
     prompt = prompt or ""
     model.tokenizer([prompt])  # unknown words fail here, not mid-analysis
