@@ -170,7 +170,7 @@ def test_training_steps_reduce_the_loss_on_a_fixed_batch(faces, model):
     assert images.shape == (4, 3, 16, 16)
     assert images.min() >= -1
     assert images.max() <= 1
-    from wsa.worlds.runtime import alphas_cumprod
+    from wsa.decoding.schedule import alphas_cumprod
 
     alphas = alphas_cumprod(TINY)
     model.train()

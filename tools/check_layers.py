@@ -43,7 +43,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: Upward imports that exist today: (importer module, imported unit) -> where it goes away.
 KNOWN: dict[tuple[str, str], str] = {
     ("wsa.analyses.run", "wsa.reports"): "issue 13: the pipeline moves out of analyses (wsa/pipeline.py)",
-    ("wsa.inversion", "wsa.worlds"): "issue 13: one device resolver and noise schedule below both",
 }
 
 

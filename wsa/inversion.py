@@ -82,7 +82,7 @@ class _DiffusionObjective:
     """
 
     def __init__(self, decoder: Any, image: Tensor, mask: Tensor | None, batch: int, seed: int) -> None:
-        from wsa.worlds.runtime import alphas_cumprod
+        from wsa.decoding.schedule import alphas_cumprod
 
         self.single = image.ndim == 3
         images = image[None] if self.single else image

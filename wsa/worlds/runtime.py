@@ -22,13 +22,6 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def alphas_cumprod(model_config: Any) -> torch.Tensor:
-    """ᾱ_t of the base model's DDPM training schedule (float32, CPU)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_config(model_config.train_scheduler_config()).alphas_cumprod.float()
-
-
 def config_parser(prog: str, description: str, config_cls: type, extra: dict[str, dict] | None = None):
     """``--family``, ``--out``, the ``extra`` flags, then one flag per field of ``config_cls`` (its defaults)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

@@ -34,11 +34,12 @@ import torch
 from torch import Tensor
 
 from wsa.atomic import write_with
+from wsa.decoding.schedule import alphas_cumprod
 from wsa.devices import resolve_device
 from wsa.errors import ConfigError
 from wsa.images import image_grid
 from wsa.worlds.model import BaseModel, ModelConfig
-from wsa.worlds.runtime import alphas_cumprod, config_parser, hardware
+from wsa.worlds.runtime import config_parser, hardware
 
 CHECKPOINT = "checkpoint.pt"
 _FREE_OPTIONS = ("max_minutes", "progress", "device", "log_every", "grid_images")  # may change on resume

@@ -39,11 +39,12 @@ from torch import Tensor, nn
 from wsa.adapter import Adapter, ModuleWeights
 from wsa.atomic import write_json, write_with
 from wsa.decoding.batched_lora import BatchedLoRA, LowRankStack
+from wsa.decoding.schedule import alphas_cumprod
 from wsa.devices import resolve_device
 from wsa.errors import ConfigError
 from wsa.worlds.family import IDENTITY_TOKEN, Family
 from wsa.worlds.model import BaseModel
-from wsa.worlds.runtime import alphas_cumprod, config_parser, hardware
+from wsa.worlds.runtime import config_parser, hardware
 
 ZOO_FILE = "zoo.json"
 ATTRIBUTES_FILE = "attributes.csv"
