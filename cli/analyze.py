@@ -143,7 +143,7 @@ def analyze(
       wsa world unpack faces --out zoo && wsa analyze zoo --labels zoo/attributes.csv --decode --out reports/faces
       wsa analyze /shared/loras --engine dask --scheduler tcp://head:8786 --out /shared/reports/x
     """
-    from wsa.analyses.run import AnalyzeConfig, load_config, run_analysis
+    from wsa.pipeline import AnalyzeConfig, load_config, run_analysis
 
     config = load_config(config_path) if config_path else AnalyzeConfig()
     overrides = {

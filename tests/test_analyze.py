@@ -12,9 +12,9 @@ from sklearn.decomposition import PCA as SkPCA
 
 import wsa
 from wsa.analyses import available_analyzers, get_analyzer
-from wsa.analyses.run import AnalyzeConfig, run_analysis
 from wsa.cli import main
 from wsa.errors import ConfigError
+from wsa.pipeline import AnalyzeConfig, run_analysis
 from wsa.synthetic import synth_collection
 
 MODULES = [

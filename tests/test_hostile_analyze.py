@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from wsa.analyses.base import SkipAnalysis
-from wsa.analyses.run import AnalyzeConfig, load_config, run_analysis
 from wsa.errors import ConfigError, WsaError
 from wsa.labels import load_labels, metadata_labels
+from wsa.pipeline import AnalyzeConfig, load_config, run_analysis
 from wsa.reports.html import _csv_bytes, write_report
 from wsa.synthetic import synth_collection
 from wsa.training_metadata import parse_training_metadata, trigger_words
@@ -419,7 +419,7 @@ def test_pca_alone_skips_on_zero_variance(tmp_path: Path, adapters: list[Path]) 
 
 
 def test_non_finite_rows_are_named(tmp_path: Path, adapters: list[Path]) -> None:
-    from wsa.analyses.run import nonfinite_rows
+    from wsa.pipeline import nonfinite_rows
     from wsa.store import ingest, open_store
 
     store = ingest([collection(tmp_path / "c", adapters[:5])], tmp_path / "store", progress=False)
