@@ -25,9 +25,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from wsa.analyses.base import Figure, Metric, Result, Table, _clean
 from wsa.atomic import write_bytes
 from wsa.reports.assets import CSS, ERROR_JS, SORT_JS
+from wsa.results import Figure, Metric, Result, Table, json_safe
 
 _MIDDOT = " \u00b7 "
 
@@ -72,7 +72,7 @@ def write_report(results: Sequence[Result], run_info: Mapping[str, Any], out: st
     for (i, j), filename in csv_names.items():
         write_bytes(out / filename, _csv_bytes(results[i].tables[j]))
 
-    payload = {"run": _clean(run_info), "results": [r.to_json() for r in results]}
+    payload = {"run": json_safe(run_info), "results": [r.to_json() for r in results]}
     text = json.dumps(payload, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
     write_bytes(out / "results.json", text.encode("utf-8"))
 
@@ -201,7 +201,7 @@ def _csv_bytes(table: Table) -> bytes:
     buf = io.StringIO()
     buf.write(_csv_line([_csv_cell(c) for c in table.columns]))
     for row in table.rows:
-        buf.write(_csv_line([_csv_cell(_clean(v)) for v in row]))
+        buf.write(_csv_line([_csv_cell(json_safe(v)) for v in row]))
     return buf.getvalue().encode("utf-8")
 
 
@@ -219,7 +219,7 @@ def _is_number(value: Any) -> bool:
 
 def _fmt(value: Any) -> str:
     """Fixed, locale-free number formatting so the same numbers always give the same bytes."""
-    value = _clean(value)
+    value = json_safe(value)
     if value is None:
         return "\u2014"
     if isinstance(value, bool):
@@ -394,7 +394,7 @@ def _metric_card(metric: Metric) -> str:
     elif metric.higher_is_better is False:
         arrow = '<span class="arrow down" title="lower is better" aria-label="lower is better">&darr;</span>'
     units = f' <span class="sub">{_e(metric.units)}</span>' if metric.units else ""
-    value = "n/a" if _clean(metric.value) is None else _fmt(metric.value)
+    value = "n/a" if json_safe(metric.value) is None else _fmt(metric.value)
     sub = []
     if metric.ci is not None:
         sub.append(f"CI [{_fmt(metric.ci[0])}, {_fmt(metric.ci[1])}]")
@@ -417,7 +417,7 @@ def _figure(fig: Figure, number: int, anchor: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    value = _clean(value)
+    value = json_safe(value)
     if _is_number(value):
         return f'<td class="num" data-v="{value!r}">{_e(_fmt(value))}</td>'
     if value is None:
@@ -430,8 +430,8 @@ def _cell(value: Any) -> str:
 def _table(table: Table, csv_name: str | None, anchor: str) -> str:
     shown = table.rows[: max(int(table.max_rows_in_report), 0)]
     numeric = [
-        any(_clean(row[j]) is not None for row in shown)
-        and all(_is_number(_clean(row[j])) or _clean(row[j]) is None for row in shown)
+        any(json_safe(row[j]) is not None for row in shown)
+        and all(_is_number(json_safe(row[j])) or json_safe(row[j]) is None for row in shown)
         for j in range(len(table.columns))
     ]
     head = "".join(
@@ -480,7 +480,7 @@ def _section(
         parts.append(_table(table, csv_names.get(i), f"{sid}-table-{i + 1}"))
     if result.notes:
         parts.append("<h3>Notes</h3><ul class=notes>" + "".join(f"<li>{_e(n)}</li>" for n in result.notes) + "</ul>")
-    params = json.dumps(_clean(dict(result.params)), sort_keys=True, indent=2, ensure_ascii=False)
+    params = json.dumps(json_safe(dict(result.params)), sort_keys=True, indent=2, ensure_ascii=False)
     elapsed = timings.get(result.analyzer) if isinstance(timings, Mapping) else None
     elapsed_html = f"<p>Elapsed: {_e(_fmt(elapsed))} s</p>" if _is_number(elapsed) else ""
     parts.append(
@@ -501,7 +501,7 @@ def _reproduce(run_info: Mapping[str, Any], timings: Any) -> str:
         text = (
             config
             if isinstance(config, str)
-            else json.dumps(_clean(config), sort_keys=True, indent=2, ensure_ascii=False)
+            else json.dumps(json_safe(config), sort_keys=True, indent=2, ensure_ascii=False)
         )
         parts.append(f"<h3>Resolved configuration</h3><pre>{_e(text)}</pre>")
     versions = run_info.get("versions")

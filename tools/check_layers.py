@@ -26,7 +26,7 @@ SOURCES = {"wsa": "wsa", "cli": "wsa.cli", "analyses": "wsa.analyses", "reports"
 #: Lowest first. Units in one layer may import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
     # foundations: no wsa imports but these
-    ("wsa.errors", "wsa.text", "wsa.atomic", "wsa.registry", "wsa.devices", "wsa.palette", "wsa.images"),
+    ("wsa.errors", "wsa.text", "wsa.atomic", "wsa.registry", "wsa.devices", "wsa.palette", "wsa.images", "wsa.results"),
     ("wsa.adapter", "wsa.deltas"),  # one adapter in memory; ΔW from its factors
     ("wsa.families",),  # module names of every base model
     ("wsa.formats",),  # files -> Adapter
