@@ -202,6 +202,14 @@ class Analyzer:
     def fit(self, ctx: AnalysisContext) -> Analyzer:
         raise NotImplementedError
 
+    def write_artifacts(self, out: Path) -> list[Path]:
+        """Files a fitted analyzer leaves for other commands (the probes' directions for ``wsa edit``).
+
+        Called by the pipeline after ``fit`` (``fit`` itself only sets attributes); ``out`` is the report
+        folder. The default writes nothing.
+        """
+        return []
+
     def _check_is_fitted(self) -> None:
         if not any(k.endswith("_") and not k.startswith("_") for k in vars(self)):
             raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet; call 'fit' first.")

@@ -14,7 +14,6 @@ deviations.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,25 +27,11 @@ import pandas as pd
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table
 from wsa.analyses.metrics import rank_auc
-from wsa.atomic import write_bytes
-from wsa.errors import ConfigError, StoreError
+from wsa.directions import Directions
+from wsa.errors import ConfigError
 from wsa.labels import AttributeInfo, describe_attributes
 from wsa.palette import OKABE_ITO
 
-#: Bumped when the layout of ``directions.safetensors`` / ``directions.json`` changes.
-DIRECTIONS_VERSION = 1
-DIRECTIONS_TENSORS = "directions.safetensors"
-DIRECTIONS_JSON = "directions.json"
-#: Parts saved per direction: PC-space unit vectors, and weight-space vectors (standardized and raw).
-DIRECTION_PARTS = (
-    "pc",
-    "debiased_pc",
-    "probe_pc",
-    "weight",
-    "debiased_weight",
-    "raw_weight",
-    "debiased_raw_weight",
-)
 #: Logistic probes on at most this many PCs use the Newton-Cholesky solver, wider ones L-BFGS.
 NEWTON_MAX_K = 256
 #: Heatmaps print their values when there are at most this many directions.
@@ -274,9 +259,13 @@ class Probes(Analyzer):
         self.warnings_ = warnings
 
         ctx.artifacts["probes"] = self.artifacts()
-        if ctx.out is not None and weight is not None:
-            self.save_directions(Path(ctx.out) / "space")
         return self
+
+    def write_artifacts(self, out: Path) -> list[Path]:
+        """``space/directions.*`` for ``wsa edit`` (when the space has explicit weight-space directions)."""
+        if getattr(self, "weight_directions_", None) is None:
+            return []
+        return list(self.save_directions(Path(out) / "space"))
 
     def _debias_set(self, probed: list[str], infos: dict[str, AttributeInfo]) -> set[str]:
         if self.debias == "none":
@@ -464,29 +453,22 @@ class Probes(Analyzer):
     def save_directions(self, folder: str | Path) -> tuple[Path, Path]:
         """Write ``directions.safetensors`` and ``directions.json`` (each atomically) for ``wsa edit``.
 
-        Tensors are named ``"<direction>/<part>"`` with parts :data:`DIRECTION_PARTS`: unit vectors in
+        Tensors are named ``"<direction>/<part>"`` with parts :data:`wsa.directions.PARTS`: unit vectors in
         PC space (``pc``, ``debiased_pc``, ``probe_pc``; shape (k,)), the same two edit directions in
         the standardized weight space (``weight``, ``debiased_weight``: ``pc @ components``, unit norm,
         shape (n_features,)) and in raw weights (``raw_weight``, ``debiased_raw_weight``: the
         standardized vector times ``scale``, i.e. the raw change per unit step). The JSON holds kinds,
         score standard deviations, label mappings and ``k``; it is written last and carries the sha256
-        of the tensors file, so a half-finished pair is refused by :func:`load_directions`.
+        of the tensors file, so a half-finished pair is refused by :meth:`wsa.directions.Directions.load`.
 
         Returns
         -------
         (Path, Path)
             The tensors file and the JSON file.
         """
-        import hashlib
-
-        from safetensors.numpy import save as safetensors_save
-
         self._check_is_fitted()
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, np.ndarray] = {}
-        for i, name in enumerate(self.direction_names_):
-            parts = {
+        vectors = {
+            name: {
                 "pc": self.directions_[i],
                 "debiased_pc": self.debiased_[i],
                 "probe_pc": self.probe_directions_[i],
@@ -495,21 +477,15 @@ class Probes(Analyzer):
                 "raw_weight": self.weight_directions_[i] * self.raw_scale_,
                 "debiased_raw_weight": self.debiased_weight_directions_[i] * self.raw_scale_,
             }
-            for part, vec in parts.items():
-                tensors[f"{name}/{part}"] = np.ascontiguousarray(vec, dtype=np.float32)
-        blob = safetensors_save(tensors, metadata={"wsa": json.dumps({"k": self.k_, "kind": "directions"})})
-        tensors_path, json_path = folder / DIRECTIONS_TENSORS, folder / DIRECTIONS_JSON
-        write_bytes(tensors_path, blob)
+            for i, name in enumerate(self.direction_names_)
+        }
         meta = {
-            "wsa_directions_version": DIRECTIONS_VERSION,
             "wsa_version": _wsa_version(),
-            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
             "k": self.k_,
             "n_features": int(self.weight_directions_.shape[1]),
             "kinds": {a: info.kind for a, info in self.infos_.items()},
             "label_mapping": self._label_mapping(),
             "debias": list(self.debias_set_),
-            "parts": list(DIRECTION_PARTS),
             "directions": {
                 name: {
                     "attribute": self.direction_attribute_[name],
@@ -522,8 +498,7 @@ class Probes(Analyzer):
             },
             "params": _jsonable(self.get_params()),
         }
-        write_bytes(json_path, json.dumps(meta, indent=1, sort_keys=True).encode())
-        return tensors_path, json_path
+        return Directions(meta, vectors).save(folder)
 
     # --------------------------------------------------------------------------------------- result
 
@@ -882,42 +857,3 @@ def _wsa_version() -> str:
         return metadata.version("wsa")
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "unknown"
-
-
-def load_directions(folder: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, npt.NDArray[np.float32]]]]:
-    """Read what :meth:`Probes.save_directions` wrote: ``(meta, {direction: {part: vector}})``.
-
-    Raises
-    ------
-    StoreError
-        Missing files, another format version, or a tensors file that does not match its JSON.
-    """
-    import hashlib
-
-    from safetensors.numpy import load as safetensors_load
-
-    folder = Path(folder)
-    json_path, tensors_path = folder / DIRECTIONS_JSON, folder / DIRECTIONS_TENSORS
-    if not json_path.is_file() or not tensors_path.is_file():
-        raise StoreError(
-            f"no saved directions ({DIRECTIONS_JSON} + {DIRECTIONS_TENSORS}); run `wsa analyze` with labels", folder
-        )
-    try:
-        meta = json.loads(json_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise StoreError(f"{DIRECTIONS_JSON} is not valid JSON ({exc}); rerun the probes", folder) from None
-    version = meta.get("wsa_directions_version") if isinstance(meta, dict) else None
-    if version != DIRECTIONS_VERSION:
-        raise StoreError(
-            f"directions format version {version!r}; this wsa reads version {DIRECTIONS_VERSION}; rerun the probes",
-            folder,
-        )
-    blob = tensors_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
-        raise StoreError(f"{DIRECTIONS_TENSORS} does not match {DIRECTIONS_JSON}; rerun the probes", folder)
-    flat = safetensors_load(blob)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for key, vec in flat.items():
-        name, _, part = key.rpartition("/")
-        out.setdefault(name, {})[part] = vec
-    return meta, out

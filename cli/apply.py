@@ -177,9 +177,9 @@ def _plain(v: Any) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    from wsa.analyses.base import _clean
+    from wsa.results import json_safe
 
-    return _clean(value)
+    return json_safe(value)
 
 
 # ---------------------------------------------------------------------------------------------------

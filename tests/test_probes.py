@@ -12,7 +12,8 @@ import pytest
 
 from wsa.analyses import get_analyzer
 from wsa.analyses.base import AnalysisContext
-from wsa.analyses.probes import Probes, _debias, load_directions
+from wsa.analyses.probes import Probes, _debias
+from wsa.directions import Directions
 from wsa.errors import ConfigError, StoreError
 from wsa.space import fit_space
 
@@ -217,7 +218,8 @@ def test_result_is_json_safe_with_figures(fitted):
 def test_save_directions_round_trips(fitted, planted, tmp_path):
     probes, _, ctx = fitted
     probes.save_directions(tmp_path)
-    meta, tensors = load_directions(tmp_path)
+    loaded = Directions.load(tmp_path)
+    meta, tensors = loaded.meta, loaded.vectors
     art = ctx.artifacts["probes"]
     assert meta["k"] == K
     assert meta["kinds"] == art["kinds"]
@@ -233,13 +235,16 @@ def test_save_directions_round_trips(fitted, planted, tmp_path):
     # A tensors file that does not match its JSON is refused.
     (tmp_path / "directions.safetensors").write_bytes(b"garbage")
     with pytest.raises(StoreError, match="does not match"):
-        load_directions(tmp_path)
+        Directions.load(tmp_path)
 
 
-def test_fit_writes_directions_into_out_space(planted, tmp_path):
+def test_fit_writes_nothing_the_pipeline_writes_directions(planted, tmp_path):
     ctx = context(planted, out=tmp_path)
-    Probes(attributes=["cont"], n_shuffles=0, n_bootstrap=0).fit(ctx)
-    meta, tensors = load_directions(tmp_path / "space")
+    probes = Probes(attributes=["cont"], n_shuffles=0, n_bootstrap=0).fit(ctx)
+    assert not (tmp_path / "space").exists()  # fit only sets attributes
+    probes.write_artifacts(tmp_path)  # what the pipeline calls after fit
+    loaded = Directions.load(tmp_path / "space")
+    meta, tensors = loaded.meta, loaded.vectors
     assert set(tensors) == {"cont"}
     assert meta["kinds"] == {"cont": "continuous"}
 

@@ -497,6 +497,8 @@ def run_analysis(
                 raise SkipAnalysis(NO_VARIANCE)
             analyzer.fit(ctx)
             result = analyzer.result()
+            if ctx.out is not None:
+                analyzer.write_artifacts(Path(ctx.out))
         except SkipAnalysis as exc:
             if not no_variance:
                 warnings.append(f"{analyzer.name}: skipped ({exc})")

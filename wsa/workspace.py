@@ -116,36 +116,22 @@ class Workspace:
 
     @cached_property
     def directions(self) -> dict[str, Any] | None:
-        """``{"meta": directions.json, "pc": {name: (k,) unit vector}}`` or None (no labels were probed)."""
-        from safetensors.numpy import load_file
+        """``{"meta": directions.json, "pc": {name: (k,) unit vector}}`` or None (no labels were probed).
 
-        meta_path, tensors_path = self.folder / "directions.json", self.folder / "directions.safetensors"
-        if not meta_path.is_file() or not tensors_path.is_file():
+        Read by :meth:`wsa.directions.Directions.load` (version, checksum, every part's shape checked), and
+        each PC vector must fit this space (at most its ``k`` coordinates).
+        """
+        from wsa.directions import JSON, TENSORS, Directions
+
+        if not (self.folder / JSON).is_file() and not (self.folder / TENSORS).is_file():
             return None
-        meta = _read_json_object(meta_path)
-        names = meta.get("directions")
-        if not isinstance(names, dict) or not all(isinstance(v, dict) for v in names.values()):
-            raise StoreError(
-                "directions.json key 'directions' is not an object of directions; re-run wsa analyze", self.folder
-            )
-        try:
-            tensors = load_file(str(tensors_path))
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise StoreError(
-                f"directions.safetensors cannot be read ({exc}); re-run wsa analyze", self.folder
-            ) from None
-        pc = {}
+        found = Directions.load(self.folder)
         k = self.space.n_components
-        for name in names:
-            t = tensors.get(f"{name}/pc")
-            if t is None or t.ndim != 1 or not 1 <= t.shape[0] <= k or not np.isfinite(t).all():
-                raise StoreError(
-                    f"directions.safetensors: direction {name!r} is missing, not a vector of at most {k} "
-                    "coordinates, or not finite; re-run wsa analyze",
-                    self.folder,
-                )
-            pc[name] = t
-        return {"meta": meta, "pc": pc}
+        if found.meta["k"] > k:
+            raise StoreError(
+                f"directions have {found.meta['k']} PC coordinates, the space {k}; re-run wsa analyze", self.folder
+            )
+        return {"meta": dict(found.meta), "pc": found.pc}
 
     @property
     def ids(self) -> list[str]:
