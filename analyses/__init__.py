@@ -25,7 +25,7 @@ from wsa.registry import Registry
 
 ANALYZERS: Registry[type[Analyzer]] = Registry("analyzer")
 
-#: Built-in analyzers, in the order a full run executes them (later ones may use earlier results).
+#: Built-in analyzers, in the order they are listed (and run, where ``requires`` leaves the order free).
 BUILTIN = ("pca", "layers", "probes", "manifold", "interpolation", "sampling", "outliers", "gallery")
 ENTRY_POINT_GROUP = "wsa.analyzers"
 _loaded = False
@@ -72,6 +72,26 @@ def available_analyzers() -> list[str]:
     return [n for n in BUILTIN if n in names] + [n for n in names if n not in BUILTIN]
 
 
+def run_order(names: list[str]) -> list[str]:
+    """``names`` ordered so that each analyzer runs after those it ``requires`` (when they are in the run).
+
+    Ties keep the order of :func:`available_analyzers`; a cycle among plug-ins is a :class:`ConfigError`.
+    Why declared, not positional: a plug-in that reads the probes' directions says so, instead of relying
+    on where the tuple happens to put it.
+    """
+    rank = {n: i for i, n in enumerate(available_analyzers())}
+    todo = sorted(dict.fromkeys(names), key=lambda n: rank.get(n, len(rank)))
+    needs = {n: [r for r in get_analyzer(n).requires if r in todo and r != n] for n in todo}
+    done: list[str] = []
+    while todo:
+        ready = next((n for n in todo if all(r in done for r in needs[n])), None)
+        if ready is None:
+            raise ConfigError(f"analyzers {todo} require each other in a cycle (their `requires`)")
+        done.append(ready)
+        todo.remove(ready)
+    return done
+
+
 __all__ = [
     "ANALYZERS",
     "AnalysisContext",
@@ -85,4 +105,5 @@ __all__ = [
     "available_analyzers",
     "get_analyzer",
     "register_analyzer",
+    "run_order",
 ]

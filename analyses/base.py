@@ -142,6 +142,9 @@ class Analyzer:
     reference: ClassVar[str] = ""
     requires_labels: ClassVar[bool] = False
     requires_decoder: ClassVar[bool] = False  # needs ``ctx.decoder`` (``wsa analyze --decode``)
+    # Analyzers whose ``ctx.artifacts[name]`` this one reads when they are in the run: they run first
+    # (``wsa.analyses.run_order``); without them it runs on its own. Its own artifacts go under ``name``.
+    requires: ClassVar[tuple[str, ...]] = ()
     # Reads ``space.components``/``mean``/``scale`` or maps through them; False for analyzers that work
     # from coefficients alone, which also run on a ΔW space fitted from factor Grams (``--repr delta``).
     requires_components: ClassVar[bool] = True

@@ -57,6 +57,11 @@ class Gallery(Analyzer):
     title = "Decoded models"
     reference = "w2w §4 (sampling, identity persistence) and §5 (interpolation)"
     requires_decoder: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = (
+        "sampling",
+        "interpolation",
+        "probes",
+    )  # reads their ctx.artifacts when they ran
     _parameter_constraints: ClassVar[dict] = {
         "n_members": (positive_int, "a positive int"),
         "seeds": (_seeds_ok, "a non-empty list of non-negative ints"),

@@ -102,6 +102,7 @@ class Interpolation(Analyzer):
     title: ClassVar[str] = "Interpolation: attribute smoothness along straight paths"
     reference: ClassVar[str] = "Dravid et al. 2024, Interpreting the Weight Space of Customized Diffusion Models"
     requires_labels: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("probes",)  # reads their ctx.artifacts when they ran
     _parameter_constraints: ClassVar[dict[str, tuple[Any, str]]] = {
         "pairs": (_pairs_ok, "None or a non-empty list of (id_a, id_b) pairs with id_a != id_b"),
         "n_pairs": (positive_int, "a positive int"),

@@ -125,6 +125,7 @@ class Sampling(Analyzer):
     title: ClassVar[str] = "Sampling: novelty and attribute fidelity of Gaussian samples"
     reference: ClassVar[str] = "Dravid et al. 2024, Interpreting the Weight Space of Customized Diffusion Models, §4.2"
     requires_labels: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("probes",)  # reads their ctx.artifacts when they ran
     _parameter_constraints: ClassVar[dict[str, tuple[Any, str]]] = {
         "n_samples": (lambda v: positive_int(v) and v >= 2, "an int >= 2"),
         "kinds": (_kinds_ok, 'a non-empty tuple of distinct values from ("diagonal", "full")'),

@@ -211,3 +211,24 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
 
     with pytest.raises(StoreError, match="factor Grams"):  # wsa sample/edit/... on this report: the reason
         Workspace.open(tmp_path / "report")
+
+
+def test_run_order_follows_requires_not_position(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An analyzer that reads another's artifacts runs after it, wherever it is listed; cycles are refused."""
+    from wsa.analyses import Analyzer, run_order
+
+    assert run_order(["gallery", "sampling", "probes", "pca"]) == ["pca", "probes", "sampling", "gallery"]
+    assert run_order(["interpolation", "probes"]) == ["probes", "interpolation"]
+    assert run_order(["sampling"]) == ["sampling"]  # what it requires is optional: absent, it runs alone
+
+    class A(Analyzer):
+        name, requires = "cycle_a", ("cycle_b",)
+
+    class B(Analyzer):
+        name, requires = "cycle_b", ("cycle_a",)
+
+    import wsa.analyses as analyses
+
+    monkeypatch.setattr(analyses.ANALYZERS, "_entries", {**analyses.ANALYZERS._entries, "cycle_a": A, "cycle_b": B})
+    with pytest.raises(ConfigError, match="cycle"):
+        run_order(["cycle_a", "cycle_b"])

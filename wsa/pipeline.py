@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from wsa.analyses import AnalysisContext, Result, available_analyzers, get_analyzer
+from wsa.analyses import AnalysisContext, Result, available_analyzers, get_analyzer, run_order
 from wsa.analyses.base import MAX_INT, SkipAnalysis, short_repr, type_problem
 from wsa.atomic import own_folder
 from wsa.errors import ConfigError, FormatError
@@ -400,7 +400,7 @@ def run_analysis(
         raise ConfigError(f"analyzer(s) {needing} decode images; add --decode (and --base if it cannot be found)")
     # Construct and validate every analyzer before any heavy work: a typo fails in a second.
     analyzers = []
-    for name in names:
+    for name in run_order(names):
         cls = get_analyzer(name)
         analyzer = cls().set_params(**config.analyzer_params.get(name, {}))
         analyzer._validate_params()
