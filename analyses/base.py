@@ -146,7 +146,7 @@ class Analyzer:
     # (``wsa.analyses.run_order``); without them it runs on its own. Its own artifacts go under ``name``.
     requires: ClassVar[tuple[str, ...]] = ()
     # Reads ``space.components``/``mean``/``scale`` or maps through them; False for analyzers that work
-    # from coefficients alone, which also run on a ΔW space fitted from factor Grams (``--repr delta``).
+    # from coefficients alone, which also run on a ΔW space fitted from factor Grams (``--space delta``).
     requires_components: ClassVar[bool] = True
     _parameter_constraints: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 

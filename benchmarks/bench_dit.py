@@ -11,7 +11,7 @@ spectrum has something to find. Then measures, in separate processes (peak RSS f
 * a one-thread plain read of the files (the disk's rate, same cache state);
 * ``wsa ingest --repr canonical --dtype float16`` (gauge-fixed factors, padded to rank 16; ΔW is never
   formed: 77 M factor numbers per adapter instead of 9.7 G ΔW entries);
-* ``wsa analyze --repr delta --analyzers pca`` on that store: the PCA of ΔW from factor Gram products.
+* ``wsa analyze --space delta --analyzers pca`` on that store: the PCA of ΔW from factor Gram products.
 
 Writes the section "DiT-sized LoRAs (Flux.1 shape)" of docs/benchmarks.md. Disk: ~0.14 GB × n of files
 (kept in ``--data`` for reuse) and ~0.15 GB × n of store (deleted after unless ``--keep``).
@@ -132,7 +132,7 @@ def main() -> None:
     if "analyze" in stages:
         shutil.rmtree(report, ignore_errors=True)
         drop_caches()
-        cmd = [wsa_exe(), "analyze", str(store), "--out", str(report), "--repr", "delta", "--analyzers", "pca"]
+        cmd = [wsa_exe(), "analyze", str(store), "--out", str(report), "--space", "delta", "--analyzers", "pca"]
         cmd += ["--n-components", str(args.k), "--quiet"]
         record["analyze"] = run_measured(cmd, len(files), None)
         results = json.loads((report / "results.json").read_text())
@@ -203,7 +203,7 @@ def _block(r: dict, args: argparse.Namespace, json_name: str, n_modules: int) ->
             f"| `wsa ingest --repr canonical --dtype float16` | {ing['wall']:.1f} | "
             f"{n_bytes / ing['wall'] / 1e6:.0f} MB/s ({t_read / ing['wall']:.2f}× the plain read's rate) | "
             f"{ing['maxrss_gb']:.2f} GiB |",
-            f"| `wsa analyze --repr delta --analyzers pca --n-components {args.k}` (ΔW PCA from factor Grams, "
+            f"| `wsa analyze --space delta --analyzers pca --n-components {args.k}` (ΔW PCA from factor Grams, "
             f"held-out test included) | {ana['wall']:.1f} | - | {ana['maxrss_gb']:.2f} GiB |",
             "",
             f"Inside analyze (seconds): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}.",

@@ -38,11 +38,19 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     "--standardize/--no-standardize", default=None, help="z-score each parameter before PCA (w2w does) [default: no]."
 )
 @click.option(
+    "--space",
+    "geometry",
+    type=click.Choice(["explicit", "delta"]),
+    help="The geometry. explicit: PCA of the stored rows (w2w: raw factors); delta: the gauge-invariant PCA of "
+    "ΔW = B·A, the one space that means the same across ranks, initialisations and trainers, taken from the "
+    "factors' Gram products so ΔW is never formed (coefficient-based analyzers only) [default: explicit].",
+)
+@click.option(
     "--repr",
     "representation",
     type=click.Choice(["raw", "canonical", "delta"]),
-    help="raw: factors as stored (w2w); canonical: gauge-fixed factors; delta: PCA of ΔW = B·A, taken from "
-    "the factors' Gram products so ΔW is never formed (coefficient-based analyzers only) [default: raw].",
+    help="The storage. raw: factors as stored (w2w); canonical: gauge-fixed factors; delta: dense ΔW (large: "
+    "~280x the factors at SD scale) [default: raw, or canonical with --space delta].",
 )
 @click.option(
     "--solver",
@@ -61,7 +69,7 @@ def _list_analyzers(ctx: click.Context, _param: click.Parameter, value: bool) ->
     "--modules",
     type=click.Choice(["exact", "intersect", "union"]),
     help="Adapters with different module sets: exact (refuse), intersect (keep the shared ones), "
-    "union (missing = 0; --repr delta) [default: exact].",
+    "union (missing = 0; --space delta) [default: exact].",
 )
 @click.option(
     "--families",
@@ -112,6 +120,7 @@ def analyze(
     config_path,
     n_components,
     standardize,
+    geometry,
     representation,
     solver,
     device,
@@ -139,6 +148,7 @@ def analyze(
     \b
     Examples:
       wsa analyze ./loras --labels attributes.csv --out reports/identities
+      wsa analyze ./mixed_rank_loras --space delta --labels a.csv --out reports/dw
       wsa analyze ./space --analyzers pca,probes,manifold --config analysis.toml --out reports/x
       wsa world unpack faces --out zoo && wsa analyze zoo --labels zoo/attributes.csv --decode --out reports/faces
       wsa analyze /shared/loras --engine dask --scheduler tcp://head:8786 --out /shared/reports/x
@@ -150,6 +160,7 @@ def analyze(
         "labels": labels,
         "n_components": n_components,
         "standardize": standardize,
+        "space": geometry,
         "repr": representation,
         "solver": solver,
         "device": device,

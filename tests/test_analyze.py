@@ -150,9 +150,9 @@ def test_every_analyzer_follows_the_contract() -> None:
             analyzer.result()
 
 
-def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: Path) -> None:
-    """`--repr delta` never materialises ΔW: the store holds canonical factors, and the spectrum, per-model
-    errors and held-out test equal those of PCA on the materialised ΔW."""
+def test_space_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: Path) -> None:
+    """`--space delta` never materialises ΔW: the store holds canonical factors, and the spectrum, per-model
+    errors and held-out test equal those of PCA on the materialised ΔW (a `--repr delta` store)."""
     from wsa.space import fit_space, heldout_reconstruction
 
     synth_collection(tmp_path / "loras", 40, seed=2, modules=MODULES, n_factors=4, a_jitter=0.3, progress=False)
@@ -168,7 +168,7 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     tensors = load_file(str(weights))
     save_file({k: v * (2.0 if "lora_B" in k else 0.5) for k, v in tensors.items()}, str(weights))
     labels = str(tmp_path / "loras" / "attributes.csv")
-    config = AnalyzeConfig(n_components=10, repr="delta", labels=labels, analyzer_params=FAST)
+    config = AnalyzeConfig(n_components=10, space="delta", labels=labels, analyzer_params=FAST)
     run_analysis([tmp_path / "loras"], tmp_path / "report", config, progress=False)
     results = json.loads((tmp_path / "report" / "results.json").read_text())
     store = wsa.open_store(tmp_path / "report" / "store")
@@ -205,12 +205,18 @@ def test_repr_delta_fits_delta_pca_from_factors_without_forming_delta(tmp_path: 
     for key in ("variance", "mean_norm", "effective_rank"):
         np.testing.assert_allclose(dual[key], explicit[key], rtol=1e-4)
     with pytest.raises(ConfigError, match="explicit components"):
-        run_analysis([tmp_path / "loras"], tmp_path / "r3", AnalyzeConfig(repr="delta", analyzers=["gallery"]))
+        run_analysis([tmp_path / "loras"], tmp_path / "r3", AnalyzeConfig(space="delta", analyzers=["gallery"]))
     from wsa.errors import StoreError
     from wsa.workspace import Workspace
 
     with pytest.raises(StoreError, match="factor Grams"):  # wsa sample/edit/... on this report: the reason
         Workspace.open(tmp_path / "report")
+    # --repr names only the storage: a dense-ΔW store is the ΔW space already (explicit components).
+    dense = AnalyzeConfig(n_components=10, space="delta", repr="delta", analyzers=["pca"])
+    run_analysis([tmp_path / "loras"], tmp_path / "r4", dense, progress=False)
+    assert wsa.open_store(tmp_path / "r4" / "store").repr == "delta"
+    pca4 = json.loads((tmp_path / "r4" / "results.json").read_text())["results"][1]["data"]
+    np.testing.assert_allclose(pca4["explained_variance_ratio"], ref.explained_variance_ratio, rtol=1e-4, atol=1e-7)
 
 
 def test_run_order_follows_requires_not_position(monkeypatch: pytest.MonkeyPatch) -> None:

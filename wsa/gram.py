@@ -35,7 +35,7 @@ DELTA_SPACE_TENSORS = "delta_space.safetensors"
 
 @dataclass(frozen=True, eq=False)
 class DeltaSpace:
-    """PCA of ΔW in dual form: what ``wsa analyze --repr delta`` fits, with no component matrix.
+    """PCA of ΔW in dual form: what ``wsa analyze --space delta`` fits, with no component matrix.
 
     It answers the questions :class:`~wsa.space.Space` answers from coefficients (spectrum, PCs for
     x %, per-model residuals, probes, maps, sampling statistics); analyzers that need explicit
@@ -208,7 +208,8 @@ def gram_matrix(
     if need > _physical_memory() // 2:
         raise ConfigError(
             f"{store.path}: the Gram route holds an N × N float64 matrix, {need / 1e9:.1f} GB for {n} adapters — "
-            "more than half this machine's memory; fit PCA of the gauge-fixed factors instead (--repr canonical)"
+            "more than half this machine's memory; analyse a subset, a machine with more memory, or (uniform-rank "
+            "collections only) --space explicit on raw factors"
         )
     budget = budget or _physical_memory() // 8
     row_bytes = 4 * store.n_features

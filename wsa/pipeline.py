@@ -39,7 +39,8 @@ class AnalyzeConfig:
     center: bool = True
     standardize: bool = False
     solver: str = "auto"
-    repr: str = "raw"
+    space: str = "explicit"  # the geometry: explicit components of the stored rows, or the ΔW space (delta)
+    repr: str = "auto"  # the storage: raw | canonical | delta (dense ΔW); auto: raw, or canonical for --space delta
     seed: int = 0
     device: str = "auto"
     labels: str | None = None
@@ -119,7 +120,8 @@ class AnalyzeConfig:
 #: ``[analyze]`` options with a fixed set of values.
 _CHOICES = {
     "solver": ("auto", "exact", "randomized", "streaming"),
-    "repr": ("raw", "canonical", "delta"),
+    "space": ("explicit", "delta"),
+    "repr": ("auto", "raw", "canonical", "delta"),
     "engine": ("local", "dask"),
     "families": ("split", "refuse"),
     "modules": ("exact", "intersect", "union"),
@@ -281,17 +283,26 @@ def _input_store(inputs: Sequence[str | Path]) -> Path | None:
     return paths[0] if len(paths) == 1 and (paths[0] / MANIFEST).is_file() else None
 
 
-def uses_gram_route(inputs: Sequence[str | Path], repr: str) -> bool:
-    """``--repr delta`` on adapter files or on a raw/canonical store: PCA of ΔW from factor Grams.
+def storage_for(space: str, repr: str) -> str:
+    """The storage ``--repr auto`` means: raw factors (w2w) for the explicit space, gauge-fixed factors for ΔW."""
+    if repr != "auto":
+        return repr
+    return "canonical" if space == "delta" else "raw"
 
-    Why: ΔW is ~280× the factors at Stable Diffusion scale (7 TB for w2w's 65 k adapters), so wsa
-    ingests the gauge-fixed factors (``canonical``, same size as ``raw``) and takes ⟨ΔW_i, ΔW_j⟩ from
-    them (:mod:`wsa.gram`). Only a store that already holds dense ΔW is fitted directly.
+
+def uses_gram_route(inputs: Sequence[str | Path], space: str, repr: str = "auto") -> bool:
+    """``--space delta`` on factors (adapter files, a raw/canonical store): PCA of ΔW from factor Grams.
+
+    Why: ΔW is ~280× the factors at Stable Diffusion scale (7 TB for w2w's 65 k adapters), so wsa stores
+    factors and takes ⟨ΔW_i, ΔW_j⟩ from them (:mod:`wsa.gram`). A store of dense ΔW (``--repr delta``
+    storage) is the ΔW space already and is fitted with explicit components.
     """
-    if repr != "delta":
+    if space != "delta":
         return False
     store = _input_store(inputs)
-    return store is None or open_store(store).repr in ("raw", "canonical")
+    if store is not None:
+        return open_store(store).repr in ("raw", "canonical")
+    return storage_for(space, repr) in ("raw", "canonical")
 
 
 def resolve_store(
@@ -306,7 +317,7 @@ def resolve_store(
 ) -> Store:
     """A store given as input is used as is; adapter files/folders are ingested into ``cache``.
 
-    ``repr="delta"`` ingests ``canonical`` factors (see :func:`uses_gram_route`), never dense ΔW.
+    ``repr`` is the storage (``auto`` resolved by :func:`storage_for` before this).
     ``family`` keeps one model family's adapters (the others are listed as left out).
     """
     paths = [Path(p) for p in inputs]
@@ -315,8 +326,6 @@ def resolve_store(
         if family is not None and store.manifest.get("family", family) != family:
             raise ConfigError(f"{store.path}: this store holds family {store.manifest.get('family')!r}, not {family!r}")
         return store
-    if repr == "delta":
-        repr = "canonical"
     executor = None
     if client is not None:
         from wsa.dask_engine import ChunkedExecutor
@@ -377,7 +386,7 @@ def run_analysis(
     config = config or AnalyzeConfig()
     config.check()
     out = Path(out)
-    gram = uses_gram_route(inputs, config.repr)
+    gram = uses_gram_route(inputs, config.space, config.repr)
     early_warnings: list[str] = []
     names = config.analyzers or [
         n for n in available_analyzers() if config.decode or not getattr(get_analyzer(n), "requires_decoder", False)
@@ -387,12 +396,12 @@ def run_analysis(
         if config.analyzers and explicit_only:
             raise ConfigError(
                 f"analyzer(s) {explicit_only} need explicit components, which a ΔW space fitted from factor Grams "
-                "(--repr delta) does not have; use --repr canonical (gauge-fixed factors) for them"
+                "(--space delta) does not have; use --space explicit for them"
             )
         names = [n for n in names if n not in explicit_only]
         early_warnings += [
             f"{n}: skipped (needs explicit components; the ΔW space from factor Grams has none — "
-            "run with --repr canonical for it)"
+            "run with --space explicit for it)"
             for n in explicit_only
         ]
     needing = [n for n in names if getattr(get_analyzer(n), "requires_decoder", False)]
@@ -431,7 +440,7 @@ def run_analysis(
         store = resolve_store(
             inputs,
             Path(cache) if cache else own_folder(out, "store"),
-            config.repr,
+            storage_for(config.space, config.repr),
             progress,
             client,
             family=config.family,
@@ -535,7 +544,7 @@ MIN_ADAPTERS = 2
 
 
 def _fit(store: Store, k: int, config: AnalyzeConfig, gram: bool, client: Any, progress: bool) -> Any:
-    """The space: from factor Grams (``--repr delta``), on Dask, or in this process."""
+    """The space: from factor Grams (``--space delta`` on factors), on Dask, or in this process."""
     if gram:
         from wsa.devices import resolve_device
         from wsa.gram import fit_delta_gram

@@ -244,8 +244,9 @@ class Space:
             raise StoreError(f"{SPACE_JSON} is not a JSON object; save the space again", folder)
         if meta.get("kind") == "delta-gram":
             raise StoreError(
-                "this space is a PCA of ΔW fitted from factor Grams (wsa analyze --repr delta): it has no explicit "
-                "components to sample, edit, invert or decode with; analyze with --repr canonical or raw for those",
+                "this space is a PCA of ΔW fitted from factor Grams (wsa analyze --space delta): it has no explicit "
+                "components to sample, edit, invert or decode with; analyze with --space explicit for those "
+                "(raw factors of a uniform-rank collection)",
                 folder,
             )
         version = meta.get("wsa_space_version")
