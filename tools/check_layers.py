@@ -33,7 +33,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("wsa.export", "wsa.training_metadata"),  # Adapter -> files; header metadata as columns
     ("wsa.store", "wsa.inspect"),  # folders -> the matrix
     ("wsa.space", "wsa.gram", "wsa.dask_engine", "wsa.labels", "wsa.synthetic", "wsa.directions"),  # geometry
-    ("wsa.editing", "wsa.sampling", "wsa.points", "wsa.decoding", "wsa.workspace", "wsa.inversion"),  # uses
+    (
+        "wsa.editing",
+        "wsa.sampling",
+        "wsa.points",
+        "wsa.decoding",
+        "wsa.workspace",
+        "wsa.inversion",
+        "wsa.delta_points",
+    ),  # uses
     ("wsa.worlds",),  # the embedded world: bases, oracles, zoos built from everything below
     ("wsa.analyses",),  # analyzers
     ("wsa.reports",),  # HTML / JSON / CSV
