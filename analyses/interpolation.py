@@ -21,7 +21,7 @@ from scipy.stats import rankdata
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
-from wsa.labels import describe_attributes
+from wsa.labels import encode_attributes
 from wsa.palette import CYCLE, OKABE_ITO
 from wsa.sampling import interpolate_pc, interpolate_weights, probe_scores
 
@@ -186,16 +186,13 @@ class Interpolation(Analyzer):
         """(n_models, n_binary) float matrix of binary labels (NaN = missing), aligned to ``ids``."""
         if ctx.labels is None:
             return None
-        labels = ctx.labels.reindex(ids)
-        infos = describe_attributes(labels)
-        cols = [a for a, info in infos.items() if info.kind == "binary"]
+        encoded = encode_attributes(ctx.labels, ids)  # as the probes encode them: 0/1, NaN where missing
+        cols = [a for a, e in encoded.items() if e.kind == "binary"]
         if probes is not None and probes.get("kinds"):
             cols = [a for a in cols if probes["kinds"].get(a) == "binary"]
         if not cols:
             return None
-        # Encoded as the probes encode them (wsa.labels): 0/1, NaN where missing.
-        out = np.stack([infos[c].encode(labels[c]) for c in cols], axis=1)
-        return out
+        return np.stack([encoded[c].values for c in cols], axis=1)
 
     def _choose_pairs(
         self, ctx: AnalysisContext, ids: list[str], index: dict[str, int], binary: np.ndarray | None

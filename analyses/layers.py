@@ -19,8 +19,8 @@ import pandas as pd
 
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
-from wsa.analyses.manifold import encoded_labels
 from wsa.analyses.metrics import rank_auc
+from wsa.labels import encode_attributes
 from wsa.palette import OKABE_ITO
 
 #: Colours per UNet stage (Okabe–Ito), so the bar chart reads down → mid → up at a glance.
@@ -252,7 +252,7 @@ class Layers(Analyzer):
         sub: np.ndarray,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Effective rank and (with labels) probe scores per module, from ``(module, eigenvalues, scores)``."""
-        labels = {a: (kind, vals[sub]) for a, (kind, vals, _) in encoded_labels(ctx.labels, ids).items()}
+        labels = {a: (e.kind, e.values[sub]) for a, e in encode_attributes(ctx.labels, ids).items()}
         self.metrics_: dict[str, str] = {}
         eranks = np.zeros(len(ctx.store.layout.modules))
         scores = {a: np.full(len(eranks), np.nan) for a in labels}

@@ -17,6 +17,7 @@ import pandas as pd
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
+from wsa.labels import encode_attributes
 from wsa.palette import CYCLE
 
 METHODS = ("pca", "umap", "tsne")
@@ -62,29 +63,6 @@ def knn_agreement(values: np.ndarray, neighbours: np.ndarray, kind: str) -> floa
 def shuffled_agreement(values: np.ndarray, neighbours: np.ndarray, kind: str, rng: np.random.Generator) -> float:
     """Chance level: the same neighbour graph with the labels permuted (mean of a few shuffles)."""
     return float(np.mean([knn_agreement(rng.permutation(values), neighbours, kind) for _ in range(N_SHUFFLES)]))
-
-
-def encoded_labels(labels: pd.DataFrame | None, ids: list[str]) -> dict[str, tuple[str, np.ndarray, dict[int, str]]]:
-    """``{attribute: (kind, values aligned to ids with NaN where missing, {code: class name})}``.
-
-    Kinds and encodings come from :func:`wsa.labels.describe_attributes`, so binary 0/1 and category
-    indices mean the same here as in the probes; ``ignored`` columns are left out.
-    """
-    if labels is None or labels.shape[1] == 0:
-        return {}
-    from wsa.labels import describe_attributes
-
-    frame = labels.reindex(ids)
-    out = {}
-    for name, info in describe_attributes(frame).items():
-        if info.kind == "ignored":
-            continue
-        if info.kind == "binary":
-            names = {code: value for value, code in info.mapping.items()}
-        else:
-            names = dict(enumerate(info.classes))
-        out[name] = (info.kind, info.encode(frame[name]), names)
-    return out
 
 
 @register_analyzer
@@ -195,7 +173,7 @@ class Manifold(Analyzer):
             m: float(trustworthiness(x, c, n_neighbors=self.trust_k_)) for m, c in self.coords_.items()
         }
 
-        encoded = encoded_labels(ctx.labels, all_ids)
+        encoded = encode_attributes(ctx.labels, all_ids)
         self.colour_warnings_: list[str] = []
         if self.color_by:
             # A warning, not an error: after a split by family a metadata field may be absent or constant in one
@@ -208,8 +186,8 @@ class Manifold(Analyzer):
                 )
             chosen = {c: encoded[c] for c in self.color_by if c in encoded}
             encoded = chosen or encoded
-        self.labels_ = {name: (kind, vals[rows]) for name, (kind, vals, _) in encoded.items()}
-        self.class_names_ = {name: names for name, (_, _, names) in encoded.items()}
+        self.labels_ = {name: (e.kind, e.values[rows]) for name, e in encoded.items()}
+        self.class_names_ = {name: e.names for name, e in encoded.items()}
         spaces = {f"PC space ({k} PCs)": x, **{f"{m} map": c for m, c in self.coords_.items()}}
         self.agreement_: list[dict[str, Any]] = []
         graphs: dict[tuple[str, bytes], np.ndarray] = {}

@@ -18,7 +18,7 @@ import pandas as pd
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, SkipAnalysis, Table, positive_int
 from wsa.errors import ConfigError
-from wsa.labels import describe_attributes
+from wsa.labels import encode_attributes
 from wsa.palette import CYCLE, OKABE_ITO
 from wsa.sampling import fit_gaussian, novelty, novelty_summary, probe_scores, train_nn_distances
 
@@ -48,14 +48,11 @@ def _encoded_labels(labels: pd.DataFrame | None, attr: str, kind: str) -> tuple[
     Returns the non-missing encoded values (``None`` without a matching column) and the column's
     :class:`~wsa.labels.AttributeInfo` (for the names behind the codes).
     """
-    if labels is None or attr not in labels.columns:
-        return None, None
-    info = describe_attributes(labels[[attr]])[attr]
-    if info.kind != kind:
-        return None, info
-    values = info.encode(labels[attr])
-    values = values[np.isfinite(values)]
-    return (values if len(values) else None), info
+    found = encode_attributes(labels[[attr]]).get(attr) if labels is not None and attr in labels.columns else None
+    if found is None or found.kind != kind:
+        return None, None if found is None else found.info
+    values = found.values[np.isfinite(found.values)]
+    return (values if len(values) else None), found.info
 
 
 def _code(info: Any, cls: Any) -> float | None:

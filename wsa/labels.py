@@ -33,7 +33,7 @@ import unicodedata
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -435,6 +435,38 @@ class AttributeInfo:
         else:
             raise ConfigError(f"attribute {self.name!r} is not probed ({self.reason})")
         return out
+
+
+class EncodedAttribute(NamedTuple):
+    """One probed column: ``kind``, ``values`` (float64, NaN where missing), ``names`` ({code: class}), ``info``."""
+
+    kind: str
+    values: np.ndarray
+    names: dict[int, str]
+    info: AttributeInfo
+
+
+def encode_attributes(labels: pd.DataFrame | None, ids: Sequence[str] | None = None) -> dict[str, EncodedAttribute]:
+    """Every probed column of ``labels`` (rows aligned to ``ids`` when given), encoded as the probes encode it.
+
+    The one label encoder of the analyzers: kinds and codes come from :func:`describe_attributes`, so binary
+    0/1 and category indices mean the same in probes, maps, layers, sampling and interpolation; ``ignored``
+    columns are left out.
+    """
+    if labels is None or labels.shape[1] == 0:
+        return {}
+    frame = labels if ids is None else labels.reindex(list(ids))
+    out = {}
+    for name, info in describe_attributes(frame).items():
+        if info.kind == "ignored":
+            continue
+        names = (
+            {code: value for value, code in info.mapping.items()}
+            if info.kind == "binary"
+            else dict(enumerate(info.classes))
+        )
+        out[name] = EncodedAttribute(info.kind, info.encode(frame[name]), names, info)
+    return out
 
 
 def describe_attributes(frame: pd.DataFrame) -> dict[str, AttributeInfo]:
