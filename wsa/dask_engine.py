@@ -102,7 +102,8 @@ def fit_space_dask(
     import dask.array as da
 
     from wsa import __version__
-    from wsa.space import Space, _flip_signs
+    from wsa.space import Space
+    from wsa.space.solvers import _flip_signs
 
     t0 = time.perf_counter()
     n, d = len(store), store.n_features

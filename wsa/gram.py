@@ -28,7 +28,8 @@ import scipy.linalg
 import torch
 
 from wsa.errors import ConfigError
-from wsa.space import SPACE_JSON, _physical_memory, components_for, heldout_split
+from wsa.space import SPACE_JSON, components_for, heldout_split
+from wsa.space.fit import _physical_memory
 
 DELTA_SPACE_TENSORS = "delta_space.safetensors"
 

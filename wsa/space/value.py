@@ -1,0 +1,314 @@
+"""The fitted space as a value: :class:`Space` (components, coefficients, save/load), nothing about fitting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from safetensors import SafetensorError
+from safetensors.numpy import load as safetensors_load
+from safetensors.numpy import save as safetensors_save
+
+from wsa.atomic import write_bytes
+from wsa.errors import ConfigError, StoreError
+
+SPACE_VERSION = 1
+SPACE_JSON = "space.json"
+SPACE_TENSORS = "space.safetensors"
+SOLVERS = ("auto", "exact", "randomized", "streaming")
+#: ``solver="auto"`` uses the exact solver up to this many rows or columns (whichever is smaller).
+EXACT_MAX_DIM = 4000
+#: Rows per block default to about this many bytes of float32 data.
+_BLOCK_BYTES = 64 * 2**20
+_GPU_BLOCK_BYTES = 256 * 2**20  # float32 blocks made from the GPU copy
+_SKETCH_ROWS = 4096  # Ω is drawn in chunks of this many rows (same Ω for every block size)
+_TENSOR_NAMES = ("mean", "scale", "components", "singular_values", "explained_variance", "coefficients")
+#: ``n_components_for`` counts a fraction as reached within this much (float32 data cannot do better).
+_FRACTION_TOL = 1e-6
+
+
+# --------------------------------------------------------------------------------------------- the Space
+
+
+def _default_block_rows(d: int) -> int:
+    return max(1, _BLOCK_BYTES // (4 * max(d, 1)))
+
+
+def components_for(ratio: npt.NDArray[np.float64], fraction: float) -> int | None:
+    """Smallest k whose cumulative ``ratio`` reaches ``fraction`` (within float32 rounding), else None."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"fraction must be a number in (0, 1]; got {fraction!r}")
+    hit = np.flatnonzero(np.cumsum(ratio) >= fraction - _FRACTION_TOL)  # NaN compares False
+    return int(hit[0]) + 1 if hit.size else None
+
+
+@dataclass(frozen=True, eq=False)
+class Space:
+    """A fitted PCA of adapter rows: the coordinates w2w edits, samples and inverts in.
+
+    Immutable (arrays are read-only) so an analyzer cannot change the space another one reads.
+
+    Attributes
+    ----------
+    mean : ndarray of shape (n_features,), float32
+        Column means of the fitted rows; zeros if fitted with ``center=False``.
+    scale : ndarray of shape (n_features,), float32
+        Column standard deviations (``ddof=1``, as ``torch.std`` in w2w) if fitted with
+        ``standardize=True``, with 1 for zero-variance columns; otherwise ones.
+    components : ndarray of shape (n_components, n_features), float32
+        Orthonormal principal directions in the standardized space ``(x - mean) / scale``, by
+        decreasing variance, signed so the largest-magnitude entry of each is positive.
+    singular_values : ndarray of shape (n_components,), float64
+        Singular values of the standardized data matrix, descending.
+    explained_variance : ndarray of shape (n_components,), float64
+        ``singular_values**2 / (n_samples - 1)``.
+    total_variance : float
+        ``||X̃||_F² / (n_samples - 1)`` of the standardized data (the sum of the column variances when
+        centered), so ``explained_variance / total_variance`` are variance fractions.
+    n_samples : int
+        Rows fitted.
+    ids : tuple of str
+        Ids of the rows fitted, in order (store ids, or ``"0", "1", …`` for a plain matrix).
+    coefficients : ndarray of shape (n_samples, n_components), float32
+        PC coordinates of the fitted rows, equal to ``transform`` of those rows.
+    config : dict
+        How the space was fitted (resolved solver, options, device, store path and fingerprint, versions,
+        elapsed seconds); JSON-serializable.
+    """
+
+    mean: npt.NDArray[np.float32]
+    scale: npt.NDArray[np.float32]
+    components: npt.NDArray[np.float32]
+    singular_values: npt.NDArray[np.float64]
+    explained_variance: npt.NDArray[np.float64]
+    total_variance: float
+    n_samples: int
+    ids: tuple[str, ...]
+    coefficients: npt.NDArray[np.float32]
+    config: dict[str, Any]
+
+    explicit: ClassVar[bool] = True  # holds its components (``wsa.gram.DeltaSpace`` does not)
+
+    def __post_init__(self) -> None:
+        for name in _TENSOR_NAMES:
+            getattr(self, name).setflags(write=False)
+
+    @property
+    def n_components(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.components.shape[1])
+
+    @property
+    def explained_variance_ratio(self) -> npt.NDArray[np.float64]:
+        """Fraction of the total variance per component, shape (n_components,); NaN if the data had none."""
+        if self.total_variance <= 0:
+            return np.full(self.n_components, np.nan)
+        return self.explained_variance / self.total_variance
+
+    def n_components_for(self, fraction: float) -> int | None:
+        """Smallest number of components whose cumulative explained variance reaches ``fraction``.
+
+        Returns ``None`` when the components kept do not reach it (or the data had no variance), so a
+        caller cannot mistake "not enough components fitted" for an answer. A fraction counts as reached
+        within 1e-6, the rounding of float32 data, so ``1.0`` is reached at full rank.
+        """
+        return components_for(self.explained_variance_ratio, fraction)
+
+    def transform(self, X: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """PC coordinates of rows: ``((X - mean) / scale) @ components.T``.
+
+        Parameters
+        ----------
+        X : array of shape (n, n_features) or (n_features,)
+            float16, float32 or float64, memory-mapped or not (e.g. ``store.matrix``); read in blocks of
+            about 64 MB so a memory map is never loaded whole.
+
+        Returns
+        -------
+        ndarray of shape (n, n_components) or (n_components,), float32
+        """
+        X = X if isinstance(X, np.ndarray) else np.asarray(X)
+        single = X.ndim == 1
+        X2 = X[None] if single else X
+        if X2.ndim != 2 or X2.shape[1] != self.n_features:
+            raise ConfigError(
+                f"X must have shape (n, {self.n_features}) (the space's n_features); got {tuple(X.shape)}"
+            )
+        out = np.empty((X2.shape[0], self.n_components), dtype=np.float32)
+        step = _default_block_rows(self.n_features)
+        for start in range(0, X2.shape[0], step):
+            block = np.asarray(X2[start : start + step], dtype=np.float32)
+            out[start : start + step] = ((block - self.mean) / self.scale) @ self.components.T
+        return out[0] if single else out
+
+    def inverse_transform(self, Z: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """Rows from PC coordinates: ``mean + scale * (Z @ components[:m])`` with ``m = Z.shape[-1]``.
+
+        Fewer than ``n_components`` columns reconstruct with the leading components only (the rank-m
+        approximation), which is how w2w edits and truncates.
+
+        Parameters
+        ----------
+        Z : array of shape (n, m) or (m,), m <= n_components
+
+        Returns
+        -------
+        ndarray of shape (n, n_features) or (n_features,), float32
+        """
+        Z = np.asarray(Z, dtype=np.float32)
+        if Z.ndim not in (1, 2) or Z.shape[-1] > self.n_components:
+            raise ConfigError(
+                f"Z must have shape (n, m) with m <= n_components = {self.n_components}; got {tuple(Z.shape)}"
+            )
+        m = Z.shape[-1]
+        return (Z @ self.components[:m]) * self.scale + self.mean
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``space.safetensors`` then ``space.json`` into ``folder``, each atomically.
+
+        The JSON carries the sha256 of the tensors file and is written last, so a crash between the two
+        writes leaves a pair that :meth:`load` refuses instead of mixing two fits.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        blob = safetensors_save({name: np.ascontiguousarray(getattr(self, name)) for name in _TENSOR_NAMES})
+        write_bytes(folder / SPACE_TENSORS, blob)
+        meta = {
+            "wsa_space_version": SPACE_VERSION,
+            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+            "n_components": self.n_components,
+            "n_features": self.n_features,
+            "n_samples": self.n_samples,
+            "total_variance": self.total_variance,
+            "ids": list(self.ids),
+            "config": self.config,
+        }
+        write_bytes(folder / SPACE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode())
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Space:
+        """Read a folder written by :meth:`save`; every inconsistency is a :class:`~wsa.errors.StoreError`."""
+        folder = Path(folder)
+        json_path, tensors_path = folder / SPACE_JSON, folder / SPACE_TENSORS
+        if not json_path.is_file():
+            raise StoreError(f"not a saved space (no {SPACE_JSON}); fit one and call Space.save", folder)
+        try:
+            meta = json.loads(json_path.read_text())
+        except OSError as exc:
+            raise StoreError(f"cannot read {SPACE_JSON} ({exc.strerror or exc})", folder) from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise StoreError(f"{SPACE_JSON} is not valid JSON ({exc}); save the space again", folder) from None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{SPACE_JSON} is not a JSON object; save the space again", folder)
+        if meta.get("kind") == "delta-gram":
+            raise StoreError(
+                "this space is a PCA of ΔW fitted from factor Grams (wsa analyze --space delta): it has no explicit "
+                "components to sample, edit, invert or decode with; analyze with --space explicit for those "
+                "(raw factors of a uniform-rank collection)",
+                folder,
+            )
+        version = meta.get("wsa_space_version")
+        if version != SPACE_VERSION:
+            raise StoreError(
+                f"space format version {version!r}; this wsa reads version {SPACE_VERSION}; refit the space", folder
+            )
+        if not tensors_path.is_file():
+            raise StoreError(f"{SPACE_TENSORS} is missing; save the space again", folder)
+        try:
+            blob = tensors_path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"cannot read {SPACE_TENSORS} ({exc.strerror or exc})", folder) from None
+        if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+            raise StoreError(
+                f"{SPACE_TENSORS} does not match {SPACE_JSON} (sha256 differs: interrupted save or mixed files); "
+                "save the space again",
+                folder,
+            )
+        try:
+            tensors = safetensors_load(blob)
+        except (SafetensorError, ValueError) as exc:
+            raise StoreError(f"{SPACE_TENSORS} cannot be read ({exc}); save the space again", folder) from None
+        missing = sorted(set(_TENSOR_NAMES) - set(tensors))
+        unexpected = sorted(set(tensors) - set(_TENSOR_NAMES))
+        if missing or unexpected:
+            raise StoreError(f"{SPACE_TENSORS}: missing {missing}, unexpected {unexpected}; save it again", folder)
+        k, d, n = (_meta_field(meta, key, _is_count, "a non-negative integer", folder) for key in _COUNTS)
+        ids = tuple(
+            _meta_field(
+                meta,
+                "ids",
+                lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+                "a list of strings",
+                folder,
+            )
+        )
+        if len(set(ids)) != len(ids):
+            raise StoreError(f"{SPACE_JSON} field 'ids' repeats an id; save the space again", folder)
+        total = float(_meta_field(meta, "total_variance", _is_finite_number, "a finite number >= 0", folder))
+        config = dict(_meta_field(meta, "config", lambda v: isinstance(v, dict), "an object", folder))
+        shapes = {
+            "mean": (d,),
+            "scale": (d,),
+            "components": (k, d),
+            "singular_values": (k,),
+            "explained_variance": (k,),
+            "coefficients": (n, k),
+        }
+        bad = [
+            f"{name} {tensors[name].shape} != {shape}" for name, shape in shapes.items() if tensors[name].shape != shape
+        ]
+        if bad or len(ids) != n:
+            bad += [] if len(ids) == n else [f"{len(ids)} ids for {n} samples"]
+            raise StoreError(f"inconsistent shapes ({'; '.join(bad)}); save the space again", folder)
+        for name in _TENSOR_NAMES:
+            t = tensors[name]
+            if not np.issubdtype(t.dtype, np.floating):
+                raise StoreError(f"{SPACE_TENSORS}: {name} is {t.dtype}, expected floats; save the space again", folder)
+            if not np.isfinite(t).all():
+                raise StoreError(f"{SPACE_TENSORS}: {name} holds NaN or Inf values; refit the space", folder)
+        if not np.all(tensors["scale"] > 0):
+            raise StoreError(f"{SPACE_TENSORS}: scale has values <= 0; refit the space", folder)
+        f32 = {name: tensors[name].astype(np.float32, copy=False) for name in ("mean", "scale", "components")}
+        return cls(
+            mean=f32["mean"],
+            scale=f32["scale"],
+            components=f32["components"],
+            singular_values=tensors["singular_values"].astype(np.float64, copy=False),
+            explained_variance=tensors["explained_variance"].astype(np.float64, copy=False),
+            total_variance=total,
+            n_samples=n,
+            ids=ids,
+            coefficients=tensors["coefficients"].astype(np.float32, copy=False),
+            config=config,
+        )
+
+
+_COUNTS = ("n_components", "n_features", "n_samples")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _meta_field(meta: dict, key: str, ok: Callable[[Any], bool], want: str, folder: Path) -> Any:
+    """``meta[key]`` if present and ``ok``; otherwise one StoreError naming the field."""
+    if key not in meta:
+        raise StoreError(f"{SPACE_JSON} lacks the field {key!r}; save the space again", folder)
+    value = meta[key]
+    if not ok(value):
+        raise StoreError(f"{SPACE_JSON} field {key!r} is {value!r:.60}, expected {want}; save the space again", folder)
+    return value
