@@ -145,10 +145,14 @@ def _read(path: Path, file: TensorFile | None, base_shapes: BaseShapes | None) -
     metadata: dict[str, str] = {}
     for prefix, folder in component_folders(path):
         mods, meta = _read_component(prefix, folder, base_shapes)
-        if prefix:
-            text_encoders.update(mods)
-        else:
-            denoiser.update({(n, False): m for n, m in mods.items()})
+        target = text_encoders if prefix else denoiser
+        keys = {n: n for n in mods} if prefix else {n: (n, False) for n in mods}
+        twice = sorted(n for n, key in keys.items() if key in target)
+        if twice:  # e.g. both unet/ and transformer/ hold the same module: one would silently replace the other
+            raise FormatError(
+                f"module {twice[0]!r} appears in two component folders ({folder.name}/ and another)", path
+            )
+        target.update({keys[n]: m for n, m in mods.items()})
         metadata.update(meta)
     return assemble(path, "peft", denoiser=denoiser, text_encoders=text_encoders, metadata=metadata)
 
