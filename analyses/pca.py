@@ -30,15 +30,7 @@ from wsa.palette import OKABE_ITO
 def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: int = 2048) -> np.ndarray:
     """Per fitted row: ``‖x̃ − x̂_k‖² / ‖x̃‖²`` in the (centered, scaled) space with the first ``k`` PCs."""
     space = ctx.space
-    if getattr(space, "explicit", True):
-        index = {rid: i for i, rid in enumerate(ctx.store.ids)}
-        rows = [index[rid] for rid in space.ids]
-        total = np.empty(len(rows), dtype=np.float64)
-        for start, block in ctx.store.iter_blocks(block_rows, rows=rows):
-            z = (block - space.mean) / space.scale
-            total[start : start + len(block)] = np.einsum("ij,ij->i", z, z, dtype=np.float64)
-    else:  # ΔW space from factor Grams: ‖ΔW_i − mean‖² is the centred Gram's diagonal
-        total = np.asarray(space.row_sq_norms, dtype=np.float64)
+    total = space.member_sq_norms(ctx.store, block_rows)  # both spaces answer it (one code path)
     coef = space.coefficients[:, :k]
     kept = np.einsum("ij,ij->i", coef, coef, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

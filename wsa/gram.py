@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.linalg
@@ -88,6 +88,10 @@ class DeltaSpace:
     def n_components_for(self, fraction: float) -> int | None:
         """As :meth:`wsa.space.Space.n_components_for`."""
         return components_for(self.explained_variance_ratio, fraction)
+
+    def member_sq_norms(self, store: Any = None, block_rows: int = 2048) -> np.ndarray:
+        """``‖ΔW_i − mean ΔW‖²`` of each member: the centred Gram's diagonal (``Space.member_sq_norms``'s twin)."""
+        return np.asarray(self.row_sq_norms, dtype=np.float64)
 
     def centred_inner(self, i: int, j: int, inner_ij: float) -> float:
         """⟨ΔW_i − mean, ΔW_j − mean⟩ of members ``i``, ``j`` from their uncentred inner product."""

@@ -124,6 +124,20 @@ class Space:
         """
         return components_for(self.explained_variance_ratio, fraction)
 
+    def member_sq_norms(self, store: Any, block_rows: int = 2048) -> npt.NDArray[np.float64]:
+        """``‖x̃_i‖²`` of each member (centred and scaled as the space sees it), in the order of :attr:`ids`.
+
+        One of the questions both spaces answer (:meth:`wsa.gram.DeltaSpace.member_sq_norms`), so an analyzer
+        asks it without knowing which space it has: here by one streaming pass over the member rows.
+        """
+        index = {rid: i for i, rid in enumerate(store.ids)}
+        rows = [index[rid] for rid in self.ids]
+        total = np.empty(len(rows), dtype=np.float64)
+        for start, block in store.iter_blocks(block_rows, rows=rows):
+            z = (block - self.mean) / self.scale
+            total[start : start + len(block)] = np.einsum("ij,ij->i", z, z, dtype=np.float64)
+        return total
+
     def transform(self, X: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """PC coordinates of rows: ``((X - mean) / scale) @ components.T``.
 
