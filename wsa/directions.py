@@ -24,6 +24,7 @@ import numpy as np
 
 from wsa.atomic import write_bytes
 from wsa.errors import StoreError
+from wsa.text import first_line
 
 #: Bumped when the layout of ``directions.safetensors`` / ``directions.json`` changes.
 VERSION = 1
@@ -92,7 +93,7 @@ class Directions:
         try:
             meta = json.loads(json_path.read_bytes())
         except (ValueError, RecursionError) as exc:
-            raise fail(f"{JSON} is not valid JSON ({str(exc).splitlines()[0][:120]})") from None
+            raise fail(f"{JSON} is not valid JSON ({first_line(exc, 120)})") from None
         if not isinstance(meta, dict):
             raise fail(f"{JSON} is not a JSON object")
         version = meta.get("wsa_directions_version")
@@ -111,7 +112,7 @@ class Directions:
         try:
             flat = safetensors_load(blob)
         except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise fail(f"{TENSORS} cannot be read ({str(exc).splitlines()[0][:120]})") from None
+            raise fail(f"{TENSORS} cannot be read ({first_line(exc, 120)})") from None
         vectors: dict[str, dict[str, np.ndarray]] = {}
         for name in names:
             parts = {}

@@ -40,6 +40,7 @@ import pandas as pd
 
 from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, FormatError
+from wsa.text import first_line
 
 #: Column names taken as the id column (case-insensitive), in this order, when ``id_column`` is not given.
 ID_COLUMN_NAMES = ("id", "model", "name", "file")
@@ -255,8 +256,7 @@ def _read_table(path: Path, kind: str) -> pd.DataFrame:
     except RecursionError:
         raise FormatError(f"cannot read as {kind.upper()} (nested too deeply); check the file", path) from None
     except Exception as exc:  # a parser's failure on the file's bytes, see the docstring
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"cannot read as {kind.upper()} ({_clip(reason)}); check the file", path) from None
+        raise FormatError(f"cannot read as {kind.upper()} ({_clip(first_line(exc))}); check the file", path) from None
 
 
 def _json_loads(text: str, path: Path, where: str = "") -> Any:

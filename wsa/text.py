@@ -20,3 +20,12 @@ def terminal_safe(value: object, limit: int = 300) -> str:
             out.append(ch.encode("unicode_escape").decode("ascii"))
     line = "".join(out)
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (its first), at most ``limit`` characters; its type if it has none.
+
+    Why: third-party errors (safetensors, json, numpy) span lines; wsa's messages are one line each.
+    """
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

@@ -24,6 +24,7 @@ from wsa.atomic import write_json
 from wsa.errors import ConfigError, StoreError
 from wsa.space import Space
 from wsa.store.layout import Layout
+from wsa.text import first_line
 
 DECODING_JSON = "decoding.json"
 
@@ -49,7 +50,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise StoreError(f"cannot read ({exc.strerror or exc})", path) from None
     except (ValueError, RecursionError) as exc:
-        raise StoreError(f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})", path) from None
+        raise StoreError(f"not valid JSON ({first_line(exc)})", path) from None
     if not isinstance(data, dict):
         raise StoreError(f"is a JSON {type(data).__name__}, expected an object", path)
     return data

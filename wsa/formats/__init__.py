@@ -11,8 +11,9 @@ from pathlib import Path
 from wsa.adapter import Adapter
 from wsa.errors import FormatError, WsaError
 from wsa.formats import diffusers, kohya, lycoris, native, peft  # registration side effects
-from wsa.formats._tensorfile import TENSOR_SUFFIXES, TensorFile, _one_line, regular_file
+from wsa.formats._tensorfile import TENSOR_SUFFIXES, TensorFile, regular_file
 from wsa.formats.base import FORMATS, BaseShapes, FormatSpec
+from wsa.text import first_line
 
 
 def detect(path: str | Path) -> tuple[FormatSpec, TensorFile | None]:
@@ -55,15 +56,15 @@ def load_adapter(path: str | Path, *, base_shapes: BaseShapes | None = None) -> 
     except FormatError:
         raise
     except WsaError as exc:  # e.g. a ConfigError from a family table: still this file's problem
-        raise FormatError(_one_line(exc), None if exc.path else path) from None
+        raise FormatError(first_line(exc), None if exc.path else path) from None
     except OSError as exc:  # unreadable, deleted mid-run, a folder that vanished
         where = exc.filename or path
-        raise FormatError(f"cannot read ({exc.strerror or _one_line(exc)})", where) from None
+        raise FormatError(f"cannot read ({exc.strerror or first_line(exc)})", where) from None
     except RecursionError:
         raise FormatError("nested too deeply to read", path) from None
     except Exception as exc:  # the boundary: whatever a hostile file triggers is this file's error, not a traceback
         raise FormatError(
-            f"cannot be read ({type(exc).__name__}: {_one_line(exc)}); if the file is valid, please report this",
+            f"cannot be read ({type(exc).__name__}: {first_line(exc)}); if the file is valid, please report this",
             path,
         ) from exc
 

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from wsa.errors import FormatError
+from wsa.text import first_line
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".bin", ".pth", ".ckpt")
@@ -55,7 +56,7 @@ class TensorFile:
                 with safe_open(self.path, framework="pt") as f:
                     f.keys()
             except Exception as exc:  # safetensors raises its own error types
-                raise FormatError(f"not a valid safetensors file ({_one_line(exc)})", self.path) from None
+                raise FormatError(f"not a valid safetensors file ({first_line(exc)})", self.path) from None
             return sorted(entries), metadata
         state = self._pickle_state
         return sorted(state), {}
@@ -87,7 +88,7 @@ class TensorFile:
                 obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=_is_zip(self.path))
         except Exception as exc:
             raise FormatError(
-                f"refused to load pickle with weights_only=True ({_one_line(exc)}); "
+                f"refused to load pickle with weights_only=True ({first_line(exc)}); "
                 "only plain tensor dicts are read — convert it to .safetensors",
                 self.path,
             ) from None
@@ -330,8 +331,3 @@ def _np_sum(t: Tensor) -> float:
 def _is_zip(path: Path) -> bool:
     with path.open("rb") as fh:
         return fh.read(4) == b"PK\x03\x04"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]

@@ -18,6 +18,7 @@ from wsa.families.names import canonical_text_encoder_path
 from wsa.formats._modules import assemble, build_module, checked_lora_config, pattern_value, split_keys
 from wsa.formats._tensorfile import TensorFile
 from wsa.formats.base import BaseShapes, FormatSpec, register
+from wsa.text import first_line
 
 CONFIG = "adapter_config.json"
 #: A PEFT config is a few kB (a rank_pattern for every module of a DiT: ~1 MB).
@@ -70,17 +71,13 @@ def read_config(path: Path) -> tuple[dict, dict]:
     except RecursionError:
         raise FormatError("adapter_config.json is nested too deeply", path) from None
     except ValueError as exc:  # UnicodeDecodeError included
-        raise FormatError(f"adapter_config.json is not valid JSON ({_first_line(exc)})", path) from None
+        raise FormatError(f"adapter_config.json is not valid JSON ({first_line(exc, 200)})", path) from None
     if not isinstance(config, dict):
         raise FormatError(f"adapter_config.json is a JSON {type(config).__name__}, not an object", path)
     peft_type = config.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() not in {"LORA", "LOHA", "LOKR"}:
         raise FormatError(f"PEFT type {str(peft_type)[:40]!r} is not a LoRA-family adapter wsa reads", path)
     return config, {**checked_lora_config(config, path), "peft_type": peft_type.upper()}
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _sniff(path: Path, file: TensorFile | None) -> bool:

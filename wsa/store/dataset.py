@@ -35,6 +35,7 @@ from wsa.formats._prefixed import LORA_SUFFIXES
 from wsa.formats._tensorfile import check_finite
 from wsa.formats.peft import SUFFIXES as PEFT_SUFFIXES
 from wsa.store.discover import Source
+from wsa.text import first_line
 
 LAYOUT_SUFFIXES = {**PEFT_SUFFIXES, **{k: v for k, v in LORA_SUFFIXES.items() if k not in {".alpha", ".dora_scale"}}}
 
@@ -45,7 +46,7 @@ def read_layout_file(path: Path) -> list[tuple[str, tuple[int, ...]]]:
         try:
             data = json.loads(path.read_bytes())
         except (ValueError, RecursionError) as exc:
-            raise FormatError(f"layout is not valid JSON ({str(exc).splitlines()[0][:200]})", path) from None
+            raise FormatError(f"layout is not valid JSON ({first_line(exc, 200)})", path) from None
         if isinstance(data, dict):
             items = list(data.items())
         elif isinstance(data, list) and all(isinstance(e, list) and len(e) == 2 for e in data):
@@ -66,9 +67,7 @@ def read_layout_file(path: Path) -> list[tuple[str, tuple[int, ...]]]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise FormatError(
-                f"refused to load layout with weights_only=True ({str(exc).splitlines()[0]})", path
-            ) from None
+            raise FormatError(f"refused to load layout with weights_only=True ({first_line(exc)})", path) from None
         if not isinstance(data, dict):
             raise FormatError(f"layout holds {type(data).__name__}, expected a dict key -> [[length], shape]", path)
         out = []
@@ -107,9 +106,7 @@ class _Matrix:
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                raise FormatError(
-                    f"refused to load with weights_only=True ({str(exc).splitlines()[0]})", path
-                ) from None
+                raise FormatError(f"refused to load with weights_only=True ({first_line(exc)})", path) from None
             if isinstance(obj, dict) and len(obj) == 1:
                 obj = next(iter(obj.values()))
             if not isinstance(obj, torch.Tensor):
@@ -167,7 +164,7 @@ def _config_alpha(config: Path) -> float | None:
     except OSError as exc:
         raise FormatError(f"cannot read ({exc.strerror or exc})", config) from None
     except (ValueError, RecursionError) as exc:
-        raise FormatError(f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else exc!r})", config) from None
+        raise FormatError(f"not valid JSON ({first_line(exc)})", config) from None
     if not isinstance(data, dict):
         raise FormatError(f"is a JSON {type(data).__name__}, expected an object", config)
     for key in ("lora_alpha", "r"):

@@ -29,8 +29,9 @@ import numpy as np
 
 from wsa.adapter import Adapter
 from wsa.errors import StoreError
-from wsa.store.layout import REPRESENTATIONS, Layout
+from wsa.store.layout import REPRESENTATIONS, Layout, _is_int
 from wsa.store.representations import decode
+from wsa.text import first_line
 
 FORMAT_VERSION = 1
 #: Largest float32 block :meth:`Store.iter_blocks` yields (two are in memory at once).
@@ -61,7 +62,7 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot read {MANIFEST} ({exc.strerror or exc})", self.path) from None
         except (ValueError, RecursionError) as exc:
-            raise StoreError(f"{MANIFEST} is not valid JSON ({_first_line(exc)})", self.path) from None
+            raise StoreError(f"{MANIFEST} is not valid JSON ({first_line(exc)})", self.path) from None
         self.layout: Layout = validate_manifest(self.manifest, self.path)
 
     @cached_property
@@ -124,7 +125,7 @@ class Store:
             mm = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
             raise StoreError(
-                f"cannot open matrix file {self.manifest['matrix']} ({_first_line(exc)})", self.path
+                f"cannot open matrix file {self.manifest['matrix']} ({first_line(exc)})", self.path
             ) from None
         if mm.shape != (len(self.ids), self.n_features):
             raise StoreError(f"matrix shape {mm.shape} does not match the manifest", self.path)
@@ -212,7 +213,7 @@ class Store:
                 shape, fortran, dtype = reader(fh)
                 offset = fh.tell()
         except (OSError, ValueError) as exc:
-            raise StoreError(f"matrix file header cannot be read ({_first_line(exc)})", path) from None
+            raise StoreError(f"matrix file header cannot be read ({first_line(exc)})", path) from None
         want = (len(self.ids), self.n_features)
         if tuple(shape) != want or fortran or dtype != np.dtype(self.manifest["dtype"]):
             raise StoreError(
@@ -265,11 +266,6 @@ def _pread_into(fd: int, buffer: memoryview, offset: int, path: Path) -> None:
         done += got
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _inside(path: Path, folder: Path) -> bool:
     """Whether ``path`` (symlinks resolved) is directly inside ``folder``."""
     try:
@@ -291,10 +287,6 @@ def is_matrix_name(name: object) -> bool:
 
 _MATRIX_NAME = re.compile(r"matrix-[A-Za-z0-9_.-]{1,128}\.npy")
 _DTYPES = ("float32", "float16")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_manifest(manifest: Any, where: str | Path) -> Layout:
