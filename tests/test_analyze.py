@@ -238,3 +238,16 @@ def test_run_order_follows_requires_not_position(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(analyses.ANALYZERS, "_entries", {**analyses.ANALYZERS._entries, "cycle_a": A, "cycle_b": B})
     with pytest.raises(ConfigError, match="cycle"):
         run_order(["cycle_a", "cycle_b"])
+
+
+def test_space_option_in_a_config_file_is_checked(tmp_path: Path) -> None:
+    from wsa.pipeline import load_config
+
+    good = tmp_path / "good.toml"
+    good.write_text('[analyze]\nspace = "delta"\n')
+    assert load_config(good).space == "delta" and load_config(good).repr == "auto"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[analyze]\nspace = "canonical"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(info.value).startswith(str(bad)) and "explicit, delta" in str(info.value), str(info.value)

@@ -22,3 +22,19 @@ def test_a_registered_scheme_loads_its_references(monkeypatch: pytest.MonkeyPatc
     assert resolve_base("toy:a", config="c") == (("model", "toy:a", "c"), "toy:a")
     with pytest.raises(ConfigError, match="cannot decode on base"):
         resolve_base("nothing:here")
+
+
+def test_a_broken_scheme_plugin_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import wsa.decoding.schemes as schemes_module
+
+    class Broken:
+        name, value = "broken", "nowhere:SCHEME"
+
+        def load(self):
+            raise ImportError("No module named 'nowhere'")
+
+    monkeypatch.setattr(schemes_module, "_loaded", False)
+    monkeypatch.setattr(schemes_module.importlib.metadata, "entry_points", lambda group: [Broken()])
+    with pytest.raises(ConfigError, match="base scheme 'broken'") as info:
+        schemes()
+    assert "\n" not in str(info.value)
