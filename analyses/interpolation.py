@@ -254,7 +254,7 @@ class Interpolation(Analyzer):
         if missing:
             raise ConfigError(f"interpolation ids missing from the store: {', '.join(map(repr, missing[:5]))}")
         space = ctx.space
-        if not getattr(space, "explicit", True):
+        if space.geometry != "explicit":
             return self._delta_paths(ctx, pairs, row_of, notes)
         mean = np.asarray(space.mean, dtype=np.float64)
         paths, norms, fractions = [], [], []

@@ -212,7 +212,7 @@ class Layers(Analyzer):
         rng = np.random.default_rng(ctx.random_state)
         sub = np.arange(n) if n <= self.max_rows else np.sort(rng.choice(n, size=self.max_rows, replace=False))
 
-        if getattr(space, "explicit", True):
+        if space.geometry == "explicit":
             eranks, scores = self._subset_pass(ctx, self._spectra(ctx, modules, rows[sub]), ids, sub)
             variance, sqnorms = self._full_pass(ctx, modules, rows)
         else:  # ΔW space from factor Grams: the same measures of each module's ΔW, from its factors

@@ -57,7 +57,7 @@ def streamed_residuals(ctx: AnalysisContext, rows: np.ndarray, block_rows: int) 
     coefficients : ndarray of shape (n_rows, n_components), float64
     """
     space = ctx.space
-    if not getattr(space, "explicit", True):  # ΔW space from factor Grams: ‖x̃‖² − ‖c‖², rows in store order
+    if space.geometry != "explicit":  # ΔW space from factor Grams: ‖x̃‖² − ‖c‖², rows in store order
         coefs = np.asarray(space.coefficients, dtype=np.float64)[rows]
         resid = np.asarray(space.row_sq_norms, dtype=np.float64)[rows] - (coefs**2).sum(axis=1)
         return np.clip(resid, 0.0, None), coefs
@@ -76,10 +76,10 @@ def _exact_cosine(ctx: AnalysisContext, rows: np.ndarray):
     """``cosine(a, b)`` of two fitted rows, centred (and scaled) as the space sees them.
 
     A ΔW space from factor Grams has no mean row to subtract; its centred inner products come from
-    the pair's factor Gram and the space's per-row Gram means (:meth:`wsa.gram.DeltaSpace.centred_inner`).
+    the pair's factor Gram and the space's per-row Gram means (:meth:`wsa.delta_space.DeltaSpace.centred_inner`).
     """
     space, store = ctx.space, ctx.store
-    if not getattr(space, "explicit", True):
+    if space.geometry != "explicit":
         from wsa.gram import gram_block
 
         def cosine_dual(a: int, b: int) -> float:

@@ -54,7 +54,7 @@ def has_variance(space: Any) -> bool:
     if explained.size and not (np.isfinite(explained).all() and explained.max() > 0):
         return False
     mean = getattr(space, "mean", None)
-    if mean is not None and getattr(space, "explicit", True):
+    if mean is not None and space.geometry == "explicit":
         n = max(int(getattr(space, "n_samples", 2)) - 1, 1)
         scale = np.asarray(getattr(space, "scale", 1.0), dtype=np.float64)
         norm = float(np.sum((np.asarray(mean, dtype=np.float64) / scale) ** 2))
@@ -109,7 +109,7 @@ class PCA(Analyzer):
             k_max = min(self.k_, int(n * (1 - self.heldout_fraction)) - 1)
             ks = self.heldout_ks or sorted({int(k) for k in np.unique(np.geomspace(1, max(k_max, 1), num=12).round())})
             ks = [k for k in ks if k <= k_max]
-            if ks and getattr(space, "explicit", True):
+            if ks and space.geometry == "explicit":
                 self.heldout_ = heldout_reconstruction(
                     ctx.store,
                     ks,

@@ -230,7 +230,7 @@ class Probes(Analyzer):
         debiased_std = np.std(z @ debiased.T, axis=0, ddof=1)
 
         weight = debiased_weight = scale = None  # a ΔW space fitted from Grams has no components to map through
-        if getattr(space, "explicit", True):
+        if space.geometry == "explicit":
             components = np.asarray(space.components[:k], dtype=np.float32)
             scale = np.asarray(space.scale, np.float32)
             weight = directions.astype(np.float32) @ components

@@ -101,7 +101,7 @@ def test_delta_space_saves_and_applications_refuse_it(stores, tmp_path):
     raw, _ = stores
     dual = fit_delta_gram(raw, 4, progress=False)
     dual.save(tmp_path / "space")
-    assert dual.n_components_for(0.5) is not None and not dual.explicit
+    assert dual.n_components_for(0.5) is not None and dual.geometry == "delta"
     with pytest.raises(StoreError, match="no explicit components"):
         Space.load(tmp_path / "space")
 

@@ -32,7 +32,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("wsa.formats",),  # files -> Adapter
     ("wsa.export", "wsa.training_metadata"),  # Adapter -> files; header metadata as columns
     ("wsa.store", "wsa.inspect"),  # folders -> the matrix
-    ("wsa.space", "wsa.gram", "wsa.dask_engine", "wsa.labels", "wsa.synthetic", "wsa.directions"),  # geometry
+    (
+        "wsa.space",
+        "wsa.gram",
+        "wsa.delta_space",
+        "wsa.dask_engine",
+        "wsa.labels",
+        "wsa.synthetic",
+        "wsa.directions",
+    ),  # geometry
     (
         "wsa.editing",
         "wsa.sampling",

@@ -1,6 +1,6 @@
 """Weights from the ΔW space without dense ΔW: a point is a weighted sum of the members' ΔW.
 
-The ΔW space (:class:`~wsa.gram.DeltaSpace`) has no component matrix: component j is
+The ΔW space (:class:`~wsa.delta_space.DeltaSpace`) has no component matrix: component j is
 ``Σ_i dual_weights[i, j] · (ΔW_i − mean ΔW)``. So the point with PC coefficients ``z`` is
 
     ΔW(z) = mean + Σ_j z_j · component_j = Σ_i β_i · ΔW_i,   β = 1/N + W·z − mean(W·z)

@@ -16,116 +16,20 @@ modules, blockwise (bounded memory: two row blocks at a time, K itself N² float
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.linalg
 import torch
 
 from wsa.errors import ConfigError
-from wsa.space import SPACE_JSON, components_for, heldout_split
+from wsa.space import heldout_split
 from wsa.space.fit import _physical_memory
 
-DELTA_SPACE_TENSORS = "delta_space.safetensors"
-
-
-@dataclass(frozen=True, eq=False)
-class DeltaSpace:
-    """PCA of ΔW in dual form: what ``wsa analyze --space delta`` fits, with no component matrix.
-
-    It answers the questions :class:`~wsa.space.Space` answers from coefficients (spectrum, PCs for
-    x %, per-model residuals, probes, maps, sampling statistics); analyzers that need explicit
-    components in weight space (``requires_components``) are skipped on it, and the applications
-    refuse it, each with a message saying so.
-
-    Attributes
-    ----------
-    coefficients : (N, k) float32 — PC coordinates of the members (``U·√λ``).
-    explained_variance : (k,) float64 — λ / (N − 1).
-    total_variance : float — trace of the centred Gram / (N − 1): Σ of ΔW's column variances.
-    dual_weights : (N, k) float64 — component j = Σ_i dual_weights[i, j] · (ΔW_i − mean ΔW).
-    row_sq_norms : (N,) float64 — ‖ΔW_i − mean ΔW‖², the diagonal of the centred Gram.
-    gram_row_means : (N,) float64 — ⟨ΔW_i, mean ΔW⟩, so any pair's centred inner product is
-        ``⟨ΔW_i, ΔW_j⟩ − m_i − m_j + mean(m)`` (:meth:`centred_inner`).
-    ids : member ids.
-    config : how it was fitted (seconds for the Gram and for the eigendecomposition).
-    """
-
-    coefficients: np.ndarray
-    explained_variance: np.ndarray
-    total_variance: float
-    dual_weights: np.ndarray
-    row_sq_norms: np.ndarray
-    gram_row_means: np.ndarray
-    ids: tuple[str, ...]
-    config: dict
-
-    explicit: ClassVar[bool] = False  # no components matrix (``Space.explicit`` is True)
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.coefficients.shape[0])
-
-    @property
-    def n_components(self) -> int:
-        return int(self.coefficients.shape[1])
-
-    @property
-    def singular_values(self) -> np.ndarray:
-        return np.sqrt(self.explained_variance * (self.n_samples - 1))
-
-    @property
-    def explained_variance_ratio(self) -> np.ndarray:
-        if self.total_variance <= 0:
-            return np.full(self.n_components, np.nan)
-        return self.explained_variance / self.total_variance
-
-    def n_components_for(self, fraction: float) -> int | None:
-        """As :meth:`wsa.space.Space.n_components_for`."""
-        return components_for(self.explained_variance_ratio, fraction)
-
-    def member_sq_norms(self, store: Any = None, block_rows: int = 2048) -> np.ndarray:
-        """``‖ΔW_i − mean ΔW‖²`` of each member: the centred Gram's diagonal (``Space.member_sq_norms``'s twin)."""
-        return np.asarray(self.row_sq_norms, dtype=np.float64)
-
-    def centred_inner(self, i: int, j: int, inner_ij: float) -> float:
-        """⟨ΔW_i − mean, ΔW_j − mean⟩ of members ``i``, ``j`` from their uncentred inner product."""
-        m = self.gram_row_means
-        return float(inner_ij - m[i] - m[j] + m.mean())
-
-    def save(self, folder: str | Path) -> None:
-        """``space.json`` (``"kind": "delta-gram"``) + ``delta_space.safetensors``, written atomically."""
-        from safetensors.numpy import save as safetensors_save
-
-        from wsa.atomic import write_bytes
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "coefficients": self.coefficients,
-            "explained_variance": self.explained_variance,
-            "dual_weights": self.dual_weights,
-            "row_sq_norms": self.row_sq_norms,
-            "gram_row_means": self.gram_row_means,
-        }
-        blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
-        write_bytes(folder / DELTA_SPACE_TENSORS, blob)
-        meta = {
-            "kind": "delta-gram",
-            "tensors": DELTA_SPACE_TENSORS,
-            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
-            "n_components": self.n_components,
-            "n_samples": self.n_samples,
-            "total_variance": self.total_variance,
-            "ids": list(self.ids),
-            "config": self.config,
-        }
-        write_bytes(folder / SPACE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode())
+if TYPE_CHECKING:
+    from wsa.delta_space import DeltaSpace
 
 
 @dataclass(frozen=True)
@@ -410,6 +314,8 @@ def fit_delta_gram(
     progress: bool = True,
 ) -> DeltaSpace:
     """Centred PCA of the members' ΔW from their factors (dual form, exact eigendecomposition)."""
+    from wsa.delta_space import DeltaSpace  # here, not at the top: the value type may use this kernel
+
     n = len(store)
     k = int(n_components)
     if not 1 <= k <= n - 1:

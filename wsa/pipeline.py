@@ -460,7 +460,7 @@ def run_analysis(
             _refuse_nonfinite_rows(store)  # names the rows when the data are the cause
             raise
     space.save(own_folder(out, "space"))
-    if space.explicit:
+    if space.geometry == "explicit":
         _record_decoding(out / "space", store, config)
     timings["space"] = time.perf_counter() - t0
     label_path = config.labels
@@ -717,7 +717,7 @@ def _headline(store, space, results: Mapping[str, Result], warnings: list[str], 
         "family": store.manifest.get("family") or "unknown",
         "adapters": len(store),
         "features": store.n_features,
-        "representation": "delta (from factor Grams)" if not space.explicit else store.repr,
+        "representation": "delta (from factor Grams)" if space.geometry != "explicit" else store.repr,
         "components kept": int(space.n_components),
         "PCs for 95% variance": space.n_components_for(0.95),
     }

@@ -94,7 +94,7 @@ class Space:
     coefficients: npt.NDArray[np.float32]
     config: dict[str, Any]
 
-    explicit: ClassVar[bool] = True  # holds its components (``wsa.gram.DeltaSpace`` does not)
+    geometry: ClassVar[str] = "explicit"  # the geometry's name, as ``--space`` spells it (``DeltaSpace``: "delta")
 
     def __post_init__(self) -> None:
         for name in _TENSOR_NAMES:
@@ -127,7 +127,7 @@ class Space:
     def member_sq_norms(self, store: Any, block_rows: int = 2048) -> npt.NDArray[np.float64]:
         """``‖x̃_i‖²`` of each member (centred and scaled as the space sees it), in the order of :attr:`ids`.
 
-        One of the questions both spaces answer (:meth:`wsa.gram.DeltaSpace.member_sq_norms`), so an analyzer
+        One of the questions both spaces answer (:meth:`wsa.delta_space.DeltaSpace.member_sq_norms`), so an analyzer
         asks it without knowing which space it has: here by one streaming pass over the member rows.
         """
         index = {rid: i for i, rid in enumerate(store.ids)}
