@@ -26,7 +26,7 @@ from wsa.results import Figure, Metric, Result, Table, json_safe  # noqa: F401  
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-    from wsa.space import Space
+    from wsa.space import FittedSpace
     from wsa.store import Store
 
 
@@ -111,14 +111,16 @@ def type_problem(value: Any, hint: Any) -> str | None:
 class AnalysisContext:
     """What every analyzer may read. Built once per ``wsa analyze`` run.
 
-    ``space`` is the fitted PCA of the store (mean, scale, components, coefficients of every row);
+    ``space`` is the fitted PCA of the store, in either geometry: an analyzer asks it only the questions of
+    :class:`wsa.space.FittedSpace` (one code path for both geometries; weights come from
+    :func:`wsa.points.points_for`, never from the explicit space's components);
     ``labels`` is aligned to ``space.ids`` (one row per adapter, ``None`` where no table was given);
     ``results`` holds the results of analyzers that ran earlier (e.g. ``probes`` for ``sampling``);
     ``artifacts`` is for fitted objects later analyzers and commands reuse (probe directions).
     """
 
     store: Store
-    space: Space
+    space: FittedSpace
     labels: pd.DataFrame | None = None
     random_state: int = 0
     device: str = "auto"
@@ -145,9 +147,9 @@ class Analyzer:
     # Analyzers whose ``ctx.artifacts[name]`` this one reads when they are in the run: they run first
     # (``wsa.analyses.run_order``); without them it runs on its own. Its own artifacts go under ``name``.
     requires: ClassVar[tuple[str, ...]] = ()
-    # Reads ``space.components``/``mean``/``scale`` or maps through them; False for analyzers that work
-    # from coefficients alone, which also run on a ΔW space fitted from factor Grams (``--space delta``).
-    requires_components: ClassVar[bool] = True
+    # Reads ``space.components``/``mean``/``scale`` or maps through them; False for analyzers that ask only
+    # the questions of ``wsa.space.FittedSpace``, which also run on a ΔW space fitted from factor Grams
+    # (``--space delta``).
     _parameter_constraints: ClassVar[dict[str, tuple[Callable[[Any], bool], str]]] = {}
 
     @classmethod

@@ -20,9 +20,9 @@ import torch
 
 from wsa.analyses import register_analyzer
 from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result, Table, positive_int
-from wsa.editing import step_rows
 from wsa.errors import ConfigError
 from wsa.images import tile_images
+from wsa.points import points_for
 
 
 def _seeds_ok(v: Any) -> bool:
@@ -100,10 +100,11 @@ class Gallery(Analyzer):
         if decoder is None:
             raise ConfigError("gallery needs a decoder: run `wsa analyze --decode` (and --base if it cannot be found)")
         store, space = ctx.store, ctx.space
+        points = points_for(space, store.layout, store)  # rows (explicit) or member weights (ΔW): one path
         ids = [str(i) for i in space.ids][: self.n_members]
-        rows = store.read_rows([store.index(i) for i in ids])
+        member_points = np.vstack([points.member(i)[0] for i in ids])
         seeds = list(self.seeds)
-        members = decoder.grid(rows, seeds)
+        members = decoder.grid(points.stacks(member_points), len(ids), seeds)
         oracle = decoder.oracle()
         self.decoder_ = decoder.describe()
         self.members_ = (ids, members, seeds, [_reference(store, i) for i in ids])
@@ -112,15 +113,18 @@ class Gallery(Analyzer):
             names = [a.name for a in oracle.family.attributes]
             if all(n in ctx.labels.columns for n in names):
                 truth = ctx.labels.iloc[: len(ids)][names].iloc[np.repeat(np.arange(len(ids)), len(seeds))]
-                base_images = decoder.images(rows[:1], [-1] * len(members), list(np.tile(seeds, len(ids))))
+                base_images = decoder.images(
+                    points.stacks(member_points[:1]), [-1] * len(members), list(np.tile(seeds, len(ids)))
+                )
                 self.fidelity_ = _fidelity(oracle, members, base_images, truth)
         self.samples_ = None
         sampling = ctx.artifacts.get("sampling")
         if sampling:
             kind = next(iter(sampling["samples"]))
-            z = np.asarray(sampling["samples"][kind][: self.n_samples], dtype=np.float32)
-            sample_rows = space.inverse_transform(z)
-            images = decoder.images(sample_rows, list(range(len(z))), [seeds[0]] * len(z))
+            z = np.asarray(sampling["samples"][kind][: self.n_samples], dtype=np.float64)
+            images = decoder.images(
+                points.stacks(points.from_coefficients(z)), list(range(len(z))), [seeds[0]] * len(z)
+            )
             confidence = None
             if oracle is not None:
                 confidence = {
@@ -133,16 +137,20 @@ class Gallery(Analyzer):
         interpolation = ctx.artifacts.get("interpolation")
         if interpolation and interpolation.get("pairs"):
             pairs = list(interpolation["pairs"])[: self.n_paths]
-            t = np.asarray(interpolation["t"], dtype=np.float32)
-            ends = store.read_rows([store.index(i) for pair in pairs for i in pair]).reshape(len(pairs), 2, -1)
-            line = ends[:, :1] + t[None, :, None] * (ends[:, 1:] - ends[:, :1])  # exact weight-space line
-            flat = line.reshape(-1, line.shape[-1])
-            images = decoder.images(flat, list(range(len(flat))), [seeds[0]] * len(flat))
+            t = np.asarray(interpolation["t"], dtype=np.float64)
+            line = []
+            for a, b in pairs:  # the exact straight line between the two members' weights
+                pa, pb = points.member(a)[0], points.member(b)[0]
+                line.append(pa + t[:, None] * (pb - pa))
+            flat = np.vstack(line)
+            images = decoder.images(points.stacks(flat), list(range(len(flat))), [seeds[0]] * len(flat))
             self.paths_ = (pairs, t, images)
-        self.edits_ = self._edits(ctx, decoder, ids, rows, seeds[0])
+        self.edits_ = self._edits(ctx, decoder, points, ids, member_points, seeds[0])
         return self
 
-    def _edits(self, ctx: AnalysisContext, decoder: Any, ids: list[str], rows: np.ndarray, seed: int) -> Any:
+    def _edits(
+        self, ctx: AnalysisContext, decoder: Any, points: Any, ids: list[str], member_points: np.ndarray, seed: int
+    ) -> Any:
         """Strips (members × strengths) per attribute along the probes' directions, one seed."""
         probes = ctx.artifacts.get("probes")
         if not probes or self.n_edit_attributes == 0:
@@ -151,18 +159,17 @@ class Gallery(Analyzer):
         names = [d for d in probes["directions_pc"] if kinds.get(probes["direction_attribute"][d]) != "categorical"]
         names += [d for d in probes["directions_pc"] if d not in names]
         names = names[: self.n_edit_attributes]
-        members = rows[: self.n_edit_members]
-        strengths = np.asarray(self.edit_strengths, dtype=np.float32)
-        space = ctx.space
-        strips, all_rows = [], []
+        members = member_points[: self.n_edit_members]
+        strengths = np.asarray(self.edit_strengths, dtype=np.float64)
+        strips, all_points = [], []
         for name in names:
-            vector = np.asarray(probes["directions_pc"][name], dtype=np.float32)
+            vector = np.asarray(probes["directions_pc"][name], dtype=np.float64)
             steps = strengths[:, None] * (vector * float(probes["score_std"][name]))[None]
             for i in range(len(members)):
                 strips.append((name, ids[i]))
-                all_rows.append(step_rows(space, members[i][None], steps))
-        flat = np.vstack(all_rows)
-        images = decoder.images(flat, list(range(len(flat))), [seed] * len(flat))
+                all_points.append(points.step(np.repeat(members[i][None], len(steps), axis=0), steps))
+        flat = np.vstack(all_points)
+        images = decoder.images(points.stacks(flat), list(range(len(flat))), [seed] * len(flat))
         return strips, strengths.tolist(), images
 
     def result(self) -> Result:

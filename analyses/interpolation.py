@@ -4,10 +4,12 @@ Why: weights2weights (Dravid et al., arXiv 2406.09413) shows that identities can
 walking between two models. If the space is "linear enough", every probed attribute should move
 monotonically from one endpoint's value to the other's, close to the straight line between them.
 Two paths are compared: the straight line between the two models' PC coefficients, and the straight
-line between their flattened weight rows. An affine projection maps the weight-space line onto the
-PC-space line, so their probe scores agree; what differs is the weight path's *residual* off the
-space, reported along the path (with k below full rank, a weight-space midpoint keeps part of both
-endpoints' residuals, while every point of the PC path lies in the space).
+line between their weights (the rows as the space decomposes them: stored rows, or ΔW in a ΔW space).
+An affine projection maps the weight-space line onto the PC-space line, so their probe scores agree;
+what differs is the weight path's *residual* off the space, reported along the path (with k below full
+rank, a weight-space midpoint keeps part of both endpoints' residuals, while every point of the PC path
+lies in the space). The residual comes from the endpoints' inner products alone
+(:class:`wsa.space.FittedSpace`), so the analyzer has one code path for either geometry.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from wsa.analyses.base import AnalysisContext, Analyzer, Figure, Metric, Result,
 from wsa.errors import ConfigError
 from wsa.labels import encode_attributes
 from wsa.palette import CYCLE, OKABE_ITO
-from wsa.sampling import interpolate_pc, interpolate_weights, probe_scores
+from wsa.sampling import interpolate_pc, probe_scores
 
 #: Candidate pairs scored when choosing pairs automatically (keeps the choice O(1) in n_models).
 N_CANDIDATES = 5000
@@ -85,10 +87,12 @@ class Interpolation(Analyzer):
     weight_paths_pc_ : ndarray of shape (n_pairs, steps, k) or None
         The weight-space paths projected into PC space (``None`` without a store).
     residual_norms_ : ndarray of shape (n_pairs, steps) or None
-        ``‖x(t) − inverse_transform(transform(x(t)))‖`` along the weight path (stored-weight units):
+        ``‖r(t)‖``, the part of the weight path ``x̃(t)`` off the space, in the space's units (stored weights
+        minus the mean, divided by the per-column scale when the space standardizes; ΔW in a ΔW space):
         what decoding the projection would lose. Convex in ``t``, so never above the endpoints'.
     residual_fractions_ : ndarray of shape (n_pairs, steps) or None
-        The same divided by ``‖x(t) − mean‖``; it can rise midway, where the path passes nearer the mean.
+        The same divided by ``‖x̃(t)‖`` (the distance from the mean); it can rise midway, where the path
+        passes nearer the mean.
     scores_ : dict
         ``"pc"``/``"weight"`` -> attr -> ndarray of shape (n_pairs, steps), in data-SD units.
     per_pair_ : pandas.DataFrame or None
@@ -98,7 +102,6 @@ class Interpolation(Analyzer):
     """
 
     name: ClassVar[str] = "interpolation"
-    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Interpolation: attribute smoothness along straight paths"
     reference: ClassVar[str] = "Dravid et al. 2024, Interpreting the Weight Space of Customized Diffusion Models"
     requires_labels: ClassVar[bool] = False
@@ -131,15 +134,7 @@ class Interpolation(Analyzer):
 
         t = np.linspace(0.0, 1.0, self.steps)
         pc_paths = np.stack([interpolate_pc(z[index[a]], z[index[b]], self.steps) for a, b in pairs])
-        weight_paths, residual_norms, residual_fractions = self._weight_paths(ctx, pairs, notes)
-        if weight_paths is not None:
-            gap = float(np.max(np.abs(weight_paths[:, [0, -1]] - pc_paths[:, [0, -1]])))
-            scale = float(np.max(np.abs(pc_paths))) or 1.0
-            if gap > 1e-3 * scale:
-                warnings.append(
-                    f"Projected store rows differ from the space's coefficients by up to {gap:.3g} (relative "
-                    f"{gap / scale:.2g}): the space was not fitted on these store rows as stored."
-                )
+        weight_paths, residual_norms, residual_fractions = self._weight_paths(ctx, pairs, notes, warnings)
 
         scores: dict[str, dict[str, np.ndarray]] = {"pc": {}, "weight": {}}
         per_pair = table = None
@@ -242,65 +237,51 @@ class Interpolation(Analyzer):
         return pairs, differing
 
     def _weight_paths(
-        self, ctx: AnalysisContext, pairs: list[tuple[str, str]], notes: list[str]
+        self, ctx: AnalysisContext, pairs: list[tuple[str, str]], notes: list[str], warnings: list[str]
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """Project each weight-space path into PC space; residual off the space at each step (norm, fraction)."""
+        """The straight weight-space line between each pair, in PC space, and its residual off the space.
+
+        No point of the line is formed. Projection onto the space is affine, so the line's PC coordinates are
+        the straight line between the endpoints' coefficients, and its residual is ``r(t) = (1−t)·r_a + t·r_b``:
+        ``‖r(t)‖² = (1−t)²‖r_a‖² + t²‖r_b‖² + 2t(1−t)⟨r_a, r_b⟩`` (and ``‖x̃(t)‖²`` likewise), from the pairs'
+        inner products (:meth:`~wsa.space.FittedSpace.member_inner`, ``member_residual_inner``) — in the
+        space's units, for either geometry.
+        """
         store = ctx.store
-        if store is None or getattr(store, "matrix", None) is None:
+        if store is None:
             notes.append("No store rows available: weight-space paths skipped.")
             return None, None, None
-        row_of = {str(i): n for n, i in enumerate(store.ids)}
-        missing = sorted({i for p in pairs for i in p if i not in row_of})
+        in_store = {str(i) for i in store.ids}
+        missing = sorted({i for p in pairs for i in p if i not in in_store})
         if missing:
             raise ConfigError(f"interpolation ids missing from the store: {', '.join(map(repr, missing[:5]))}")
         space = ctx.space
-        if space.geometry != "explicit":
-            return self._delta_paths(ctx, pairs, row_of, notes)
-        mean = np.asarray(space.mean, dtype=np.float64)
-        paths, norms, fractions = [], [], []
-        for a, b in pairs:
-            x = interpolate_weights(store.matrix[row_of[a]], store.matrix[row_of[b]], self.steps)
-            coef = np.asarray(space.transform(x), dtype=np.float64)
-            back = np.asarray(space.inverse_transform(coef), dtype=np.float64)
-            # Residual in the units of the stored weights: what decoding the projection would lose.
-            res = np.linalg.norm(x - back, axis=1)
-            size = np.linalg.norm(x - mean, axis=1)
-            paths.append(coef)
-            norms.append(res)
-            fractions.append(np.divide(res, size, out=np.zeros_like(res), where=size > 0))
-        return np.stack(paths), np.stack(norms), np.stack(fractions)
-
-    def _delta_paths(
-        self, ctx: AnalysisContext, pairs: list[tuple[str, str]], row_of: dict[str, int], notes: list[str]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ΔW space from factor Grams: the straight ΔW line between two members, without forming ΔW.
-
-        It projects onto the PC line, and its residual is ``r(t) = (1−t)·r_a + t·r_b``, so ``‖r(t)‖²``
-        needs only ``‖r_a‖²``, ``‖r_b‖²`` and ``⟨r_a, r_b⟩`` — the pair's centred inner product (one
-        factor Gram) minus their coefficients' dot product.
-        """
-        from wsa.gram import gram_block
-
-        space, store = ctx.space, ctx.store
         z = np.asarray(space.coefficients, dtype=np.float64)
         member = {str(i): n for n, i in enumerate(space.ids)}
-        t = np.linspace(0.0, 1.0, self.steps)
-        paths, norms, fractions = [], [], []
-        for a, b in pairs:
-            i, j = member[a], member[b]
-            inner = gram_block(store.read_rows([row_of[a]]), store.read_rows([row_of[b]]), store.layout)[0, 0]
-            k_ab = space.centred_inner(i, j, float(inner))
-            k_aa, k_bb = float(space.row_sq_norms[i]), float(space.row_sq_norms[j])
-            r_aa, r_bb, r_ab = k_aa - z[i] @ z[i], k_bb - z[j] @ z[j], k_ab - z[i] @ z[j]
-            res2 = (1 - t) ** 2 * r_aa + t**2 * r_bb + 2 * t * (1 - t) * r_ab
-            size2 = (1 - t) ** 2 * k_aa + t**2 * k_bb + 2 * t * (1 - t) * k_ab
-            res = np.sqrt(np.clip(res2, 0.0, None))
-            size = np.sqrt(np.clip(size2, 0.0, None))
-            paths.append(interpolate_pc(z[i], z[j], self.steps))
-            norms.append(res)
-            fractions.append(np.divide(res, size, out=np.zeros_like(res), where=size > 0))
-        notes.append("ΔW space: the weight path is the straight line between the members' ΔW; residuals in ΔW units.")
-        return np.stack(paths), np.stack(norms), np.stack(fractions)
+        ia = np.asarray([member[a] for a, _ in pairs], dtype=np.int64)
+        ib = np.asarray([member[b] for _, b in pairs], dtype=np.int64)
+        first, second = np.concatenate([ia, ib, ia]), np.concatenate([ia, ib, ib])  # (a, a), (b, b), (a, b)
+        k_aa, k_bb, k_ab = space.member_inner(store, first, second).reshape(3, -1)
+        r_aa, r_bb, r_ab = space.member_residual_inner(store, first, second).reshape(3, -1)
+        # The endpoints' norms split into coefficients and residual (the components are orthonormal) only when
+        # the store holds the rows the space was fitted on.
+        kept = np.concatenate([(z[ia] ** 2).sum(axis=1), (z[ib] ** 2).sum(axis=1)])
+        whole, resid = np.concatenate([k_aa, k_bb]), np.concatenate([r_aa, r_bb])
+        gap = float(np.max(np.abs(whole - kept - resid) / np.maximum(whole, 1e-300)))
+        if gap > 1e-3:
+            warnings.append(
+                f"The endpoints' norms differ from their coefficients plus residual by up to {gap:.2g} (relative): "
+                "the space was not fitted on these store rows as stored."
+            )
+        t = np.linspace(0.0, 1.0, self.steps)[None, :]
+        u, v, w = (1 - t) ** 2, t**2, 2 * t * (1 - t)
+
+        def along(aa: np.ndarray, bb: np.ndarray, ab: np.ndarray) -> np.ndarray:
+            return np.sqrt(np.clip(u * aa[:, None] + v * bb[:, None] + w * ab[:, None], 0.0, None))
+
+        norms, size = along(r_aa, r_bb, r_ab), along(k_aa, k_bb, k_ab)
+        paths = np.stack([interpolate_pc(z[i], z[j], self.steps) for i, j in zip(ia, ib, strict=True)])
+        return paths, norms, np.divide(norms, size, out=np.zeros_like(norms), where=size > 0)
 
     def _score(
         self,
@@ -432,7 +413,8 @@ class Interpolation(Analyzer):
             Table.from_frame(
                 "pairs",
                 "Interpolated pairs: how many binary labels differ, the distance between their PC coefficients, "
-                "and the weight path's residual off the space (norm in stored-weight units, and as a fraction of "
+                "and the weight path's residual off the space (norm in the space's units — stored weights, over "
+                "the per-column scale if the space standardizes, or ΔW in a ΔW space — and as a fraction of "
                 "‖x − mean‖) at the endpoints (larger of the two) and at the midpoint.",
                 pair_frame,
             )

@@ -5,13 +5,18 @@ cross-attention or late self-attention decides where edits act and which modules
 could drop. Per module we measure how big the adapters are there (mean row norm), how much of the
 collection's variance sits there (share of the total), how many directions it spreads over (effective
 rank, Roy & Vetterli 2007) and, with labels, how well that module alone predicts each attribute.
+
+Each measure is asked of the space (:meth:`~wsa.space.FittedSpace.module_spectra` and ``module_stats``), so
+it is taken in the space's geometry with one code path: a module's stored columns for an explicit space
+(in the stored units: the space's standardization would give every column the same variance), its ΔW
+from the factors for a ΔW space.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -42,8 +47,6 @@ _ABBREVIATIONS = (
 )
 #: Above this many modules the figures show blocks instead (labels would not be readable).
 MAX_MODULES_IN_FIGURE = 150
-#: Rows of the subsample buffer are read in column groups of at most this many bytes.
-BUFFER_BYTES = 512 * 2**20
 
 
 def block_of(module: str) -> str:
@@ -185,7 +188,6 @@ class Layers(Analyzer):
     """
 
     name: ClassVar[str] = "layers"
-    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Where the variation lives: modules and blocks"
     reference: ClassVar[str] = (
         "Dravid et al., weights2weights, arXiv 2406.09413; Roy & Vetterli, The effective rank, EUSIPCO 2007"
@@ -205,19 +207,14 @@ class Layers(Analyzer):
         self._validate_params()
         store, space = ctx.store, ctx.space
         modules = list(store.layout.modules)
-        index = {rid: i for i, rid in enumerate(store.ids)}
         ids = [str(i) for i in space.ids]
-        rows = np.asarray([index[rid] for rid in ids], dtype=np.int64)
-        n = len(rows)
+        n = len(ids)
         rng = np.random.default_rng(ctx.random_state)
         sub = np.arange(n) if n <= self.max_rows else np.sort(rng.choice(n, size=self.max_rows, replace=False))
-
-        if space.geometry == "explicit":
-            eranks, scores = self._subset_pass(ctx, self._spectra(ctx, modules, rows[sub]), ids, sub)
-            variance, sqnorms = self._full_pass(ctx, modules, rows)
-        else:  # ΔW space from factor Grams: the same measures of each module's ΔW, from its factors
-            eranks, scores = self._subset_pass(ctx, self._spectra_delta(ctx, modules, rows[sub]), ids, sub)
-            variance, sqnorms = self._full_pass_delta(ctx, modules, rows)
+        # Each module as the space's geometry sees it (its stored columns, or its ΔW from the factors).
+        spectra = space.module_spectra(store, modules, sub, self.probe_components, self.block_rows)
+        eranks, scores = self._subset_pass(ctx, enumerate(spectra), ids, sub)
+        variance, sqnorms = space.module_stats(store, modules, block_rows=self.block_rows)
 
         total = float(variance.sum())
         d_total = sum(m.size for m in modules)
@@ -247,127 +244,22 @@ class Layers(Analyzer):
     def _subset_pass(
         self,
         ctx: AnalysisContext,
-        spectra: Iterator[tuple[int, np.ndarray, np.ndarray]],
+        spectra: Iterable[tuple[int, tuple[np.ndarray, np.ndarray]]],
         ids: list[str],
         sub: np.ndarray,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Effective rank and (with labels) probe scores per module, from ``(module, eigenvalues, scores)``."""
+        """Effective rank and (with labels) probe scores per module, from ``(module, (eigenvalues, scores))``."""
         labels = {a: (e.kind, e.values[sub]) for a, e in encode_attributes(ctx.labels, ids).items()}
         self.metrics_: dict[str, str] = {}
         eranks = np.zeros(len(ctx.store.layout.modules))
         scores = {a: np.full(len(eranks), np.nan) for a in labels}
-        for i, eigvals, z in spectra:
+        for i, (eigvals, z) in spectra:
             eranks[i] = effective_rank(eigvals)
             for attr, (kind, y) in labels.items():
                 score, metric = probe_score(z, y, kind, ctx.random_state)
                 scores[attr][i] = score
                 self.metrics_[attr] = metric
         return eranks, scores
-
-    def _spectra(
-        self, ctx: AnalysisContext, modules: list, store_rows: np.ndarray
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Per module: the subset's centred spectrum and top PC scores, from column groups of its rows."""
-        s = len(store_rows)
-        # Column groups of whole modules so that the buffer stays under BUFFER_BYTES.
-        groups: list[list[int]] = [[]]
-        width = 0
-        for i, m in enumerate(modules):
-            if groups[-1] and (width + m.size) * s * 4 > BUFFER_BYTES:
-                groups.append([])
-                width = 0
-            groups[-1].append(i)
-            width += m.size
-        for group in groups:
-            cols = np.concatenate([np.arange(modules[i].columns.start, modules[i].columns.stop) for i in group])
-            lo, hi = int(cols.min()), int(cols.max()) + 1
-            contiguous = hi - lo == len(cols)
-            buf = np.empty((s, len(cols)), dtype=np.float32)
-            for start, block in ctx.store.iter_blocks(self.block_rows, rows=store_rows):
-                buf[start : start + len(block)] = block[:, lo:hi] if contiguous else block[:, cols]
-            offset = 0
-            for i in group:
-                x = buf[:, offset : offset + modules[i].size]
-                offset += modules[i].size
-                x = x - x.mean(axis=0, dtype=np.float64).astype(np.float32)
-                yield (i, *_spectrum_and_scores(x, self.probe_components, ctx.random_state))
-
-    def _full_pass(self, ctx: AnalysisContext, modules: list, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-module variance (sum of column variances) and per-model squared row norms, streamed."""
-        n = len(rows)
-        d = ctx.store.matrix.shape[1]
-        col_sum = np.zeros(d)
-        col_sq = np.zeros(d)
-        sqnorms = np.zeros((n, len(modules)))
-        shift: np.ndarray | None = None
-        for start, block in ctx.store.iter_blocks(self.block_rows, rows=rows):
-            if shift is None:
-                # Shift by the first block's mean: sums of squares of near-centred data do not cancel.
-                shift = block.mean(axis=0, dtype=np.float64).astype(np.float32)
-            c = block - shift
-            col_sum += c.sum(axis=0, dtype=np.float64)
-            col_sq += np.einsum("ij,ij->j", c, c, dtype=np.float64)
-            for j, m in enumerate(modules):
-                part = block[:, m.columns]
-                sqnorms[start : start + len(block), j] = np.einsum("ij,ij->i", part, part, dtype=np.float64)
-        col_var = (col_sq - col_sum**2 / n) / max(n - 1, 1)
-        variance = np.array([col_var[m.columns].sum() for m in modules])
-        return np.clip(variance, 0, None), sqnorms
-
-    def _spectra_delta(
-        self, ctx: AnalysisContext, modules: list, store_rows: np.ndarray
-    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Per module: the subset's centred Gram of ΔW (from factor Grams), its spectrum and top PC scores.
-
-        The subset's rows are read once (``max_rows`` × D float32)."""
-        from wsa.gram import gram_block
-        from wsa.store.layout import Layout
-
-        x = ctx.store.read_rows(store_rows)
-        for i, m in enumerate(modules):
-            gram = gram_block(x, x, Layout(ctx.store.layout.repr, (m,)))
-            gram -= gram.mean(axis=0, keepdims=True)
-            gram -= gram.mean(axis=1, keepdims=True)
-            eigvals, vecs = np.linalg.eigh(gram)
-            eigvals = np.clip(eigvals[::-1], 0.0, None)
-            k = min(self.probe_components, len(eigvals))
-            yield i, eigvals, vecs[:, ::-1][:, :k] * np.sqrt(eigvals[:k])
-
-    def _full_pass_delta(self, ctx: AnalysisContext, modules: list, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-module variance of ΔW and per-model ‖ΔW_i‖², streamed, from the factors.
-
-        ``Σ‖ΔW_i − mean‖² = Σ‖ΔW_i‖² − ‖Σ ΔW_i‖² / n``: the first term from each row's r × r factor Grams,
-        the second from one dense out × in running sum per module (the size of one adapter's ΔW).
-        """
-        from wsa.gram import _gram_plan
-        from wsa.store.layout import Layout
-
-        n = len(rows)
-        plans = [_gram_plan(Layout(ctx.store.layout.repr, (m,))) for m in modules]
-        sums: list[list[np.ndarray]] = [[] for _ in modules]  # running Σ ΔW_i per module, by part
-        sqnorms = np.zeros((n, len(modules)))
-        for start, block in ctx.store.iter_blocks(self.block_rows, rows=rows):
-            b64 = block.astype(np.float64)
-            for j, plan in enumerate(plans):
-                parts = []
-                for dcols, ucols, dshape, ushape, scale in plan.lora:
-                    down = b64[:, dcols].reshape(len(block), *dshape)  # (n, r, in)
-                    up = b64[:, ucols].reshape(len(block), *ushape)  # (n, out, r)
-                    parts.append(scale * np.einsum("nor,nri->oi", up, down))
-                    gram = np.einsum("nop,noq->npq", up, up) * np.einsum("npi,nqi->npq", down, down)
-                    sqnorms[start : start + len(block), j] += scale**2 * gram.sum(axis=(1, 2))
-                if plan.dense.size:
-                    dense = b64[:, plan.dense]
-                    parts.append(dense.sum(axis=0))
-                    sqnorms[start : start + len(block), j] += np.einsum("ij,ij->i", dense, dense)
-                sums[j] = parts if not sums[j] else [a + b for a, b in zip(sums[j], parts, strict=True)]
-        variance = np.array(
-            [
-                (sqnorms[:, j].sum() - sum(float(np.square(p).sum()) for p in sums[j]) / n) / max(n - 1, 1)
-                for j in range(len(modules))
-            ]
-        )
-        return np.clip(variance, 0, None), sqnorms
 
     def _aggregate(self, key: str, sqnorms: np.ndarray) -> pd.DataFrame:
         """Group modules by ``key``: sums of features and variance, the group's own mean row norm, best signal."""
@@ -542,29 +434,6 @@ class Layers(Analyzer):
             "a uniformly dark column means no single module carries it.",
             fig,
         )
-
-
-def _spectrum_and_scores(x: np.ndarray, k: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
-    """All eigenvalues of the centered block's Gram (or covariance) matrix, and its top-``k`` PC scores.
-
-    The spectrum comes from the smaller of ``x xᵀ`` and ``xᵀ x`` (same non-zero eigenvalues: the squared
-    singular values), values only, which is several times cheaper than a full decomposition. The scores
-    need just ``k`` directions, so a randomized SVD (Halko et al. 2011) gives them at a fraction of the cost.
-
-    Returns
-    -------
-    eigenvalues : ndarray of shape (min(n, d),)
-    scores : ndarray of shape (n, min(k, n, d))
-    """
-    from sklearn.utils.extmath import randomized_svd
-
-    n, d = x.shape
-    # float32 products (BLAS speed), float64 eigenvalues.
-    gram = x @ x.T if n <= d else x.T @ x
-    eigenvalues = np.linalg.eigvalsh(gram.astype(np.float64))
-    k = min(k, n, d)
-    u, sv, _ = randomized_svd(x, k, n_iter=4, random_state=random_state)
-    return np.clip(eigenvalues, 0, None), u * sv
 
 
 def _abbreviate(name: str) -> str:

@@ -97,7 +97,6 @@ class Manifold(Analyzer):
     """
 
     name: ClassVar[str] = "manifold"
-    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Maps of the collection (PCA / UMAP / t-SNE)"
     reference: ClassVar[str] = (
         "McInnes et al., UMAP, arXiv 1802.03426; van der Maaten & Hinton, t-SNE, JMLR 2008; "

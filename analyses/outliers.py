@@ -3,7 +3,9 @@
 Why: a collection scraped from the web holds re-uploads (the same file under two names, or the same
 weights re-saved), broken or over-trained adapters (a ΔW ten times the usual size) and adapters of
 another kind (not in the span of the others). Each inflates or bends the space; each is cheap to find
-from the PC coefficients plus one streamed pass for the part of every row the space does not hold.
+from the PC coefficients plus the part of every member the space does not hold (one streamed pass for an
+explicit space; from the fit alone for a ΔW space). Every number is in the space's units and asked through
+:class:`wsa.space.FittedSpace`, so the analyzer runs unchanged in either geometry.
 
 Three outlier tests, each with a threshold that keeps false alarms rare on clean data:
 
@@ -28,7 +30,7 @@ from wsa.palette import OKABE_ITO
 
 #: Consistency constant: MAD × 1.4826 estimates σ for Gaussian data.
 MAD_TO_SIGMA = 1.4826
-#: Candidate duplicate pairs checked against the stored rows (each check reads two rows).
+#: Candidate duplicate pairs checked exactly (each check reads the pair's two rows).
 MAX_PAIRS_CHECKED = 5000
 #: Dimensions of the normalised coefficients searched for duplicate candidates.
 SEARCH_DIMS = 16
@@ -45,65 +47,22 @@ def robust_z(values: np.ndarray) -> np.ndarray | None:
     return (values - med) / mad
 
 
-def streamed_residuals(ctx: AnalysisContext, rows: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: squared norm of the part the space misses, ``‖(x − x̂) / scale‖²``, and the coefficients.
+def member_cosines(ctx: AnalysisContext, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Exact cosine of each pair of members ``a[p]``, ``b[p]`` (positions in ``space.ids``), centred (and scaled)
+    as the space sees them: ``⟨x̃_a, x̃_b⟩ / (‖x̃_a‖ ‖x̃_b‖)``, NaN where a member equals the mean.
 
-    Streams the store through ``space.transform`` / ``inverse_transform`` so only one block of rows is in
-    memory. The residual is measured in the standardized space (``scale`` = 1 unless the space z-scores).
-
-    Returns
-    -------
-    residual_sq : ndarray of shape (n_rows,), float64
-    coefficients : ndarray of shape (n_rows, n_components), float64
+    From the pairs' own rows through :meth:`~wsa.space.FittedSpace.member_inner` (for a ΔW space: their factor
+    Grams), so the candidates the coefficient bound leaves are checked exactly, in either geometry.
     """
+    if not len(a):
+        return np.zeros(0)
     space = ctx.space
-    if space.geometry != "explicit":  # ΔW space from factor Grams: ‖x̃‖² − ‖c‖², rows in store order
-        coefs = np.asarray(space.coefficients, dtype=np.float64)[rows]
-        resid = np.asarray(space.row_sq_norms, dtype=np.float64)[rows] - (coefs**2).sum(axis=1)
-        return np.clip(resid, 0.0, None), coefs
-    scale = np.where(np.asarray(space.scale) > 0, space.scale, 1).astype(np.float32)
-    resid = np.empty(len(rows))
-    coefs = np.empty((len(rows), space.n_components))
-    for start, block in ctx.store.iter_blocks(block_rows, rows=rows):
-        z = space.transform(block)
-        e = (block - space.inverse_transform(z)) / scale
-        resid[start : start + len(block)] = np.einsum("ij,ij->i", e, e, dtype=np.float64)
-        coefs[start : start + len(block)] = z
-    return resid, coefs
-
-
-def _exact_cosine(ctx: AnalysisContext, rows: np.ndarray):
-    """``cosine(a, b)`` of two fitted rows, centred (and scaled) as the space sees them.
-
-    A ΔW space from factor Grams has no mean row to subtract; its centred inner products come from
-    the pair's factor Gram and the space's per-row Gram means (:meth:`wsa.delta_space.DeltaSpace.centred_inner`).
-    """
-    space, store = ctx.space, ctx.store
-    if space.geometry != "explicit":
-        from wsa.gram import gram_block
-
-        def cosine_dual(a: int, b: int) -> float:
-            inner = gram_block(store.read_rows([rows[a]]), store.read_rows([rows[b]]), store.layout)[0, 0]
-            den = float(np.sqrt(space.row_sq_norms[rows[a]] * space.row_sq_norms[rows[b]]))
-            return space.centred_inner(int(rows[a]), int(rows[b]), float(inner)) / den if den > 0 else float("nan")
-
-        return cosine_dual
-    scale = np.where(np.asarray(space.scale) > 0, space.scale, 1).astype(np.float32)
-    cache: dict[int, np.ndarray] = {}
-
-    def centred(i: int) -> np.ndarray:
-        if len(cache) > 4096:
-            cache.clear()
-        if i not in cache:
-            cache[i] = (np.asarray(store.matrix[rows[i]], dtype=np.float32) - space.mean) / scale
-        return cache[i]
-
-    def cosine(a: int, b: int) -> float:
-        xa, xb = centred(a), centred(b)
-        den = float(np.linalg.norm(xa) * np.linalg.norm(xb))
-        return float(np.dot(xa.astype(np.float64), xb)) / den if den > 0 else float("nan")
-
-    return cosine
+    ends = np.unique(np.concatenate([a, b]))
+    inner = space.member_inner(ctx.store, np.concatenate([a, ends]), np.concatenate([b, ends]))
+    sq = np.clip(inner[len(a) :], 0.0, None)  # ‖x̃‖² of each member involved, in the order of ``ends``
+    den = np.sqrt(sq[np.searchsorted(ends, a)] * sq[np.searchsorted(ends, b)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, inner[: len(a)] / den, np.nan)
 
 
 @register_analyzer
@@ -129,7 +88,8 @@ class Outliers(Analyzer):
     mahalanobis_ : ndarray of shape (n,)
         Squared Mahalanobis distance in the top-``k_`` PC space.
     residual_ : ndarray of shape (n,)
-        ``‖x − x̂‖`` with all the space's components.
+        ``‖x̃ − x̂‖`` with all the space's components, in the space's units (centred and scaled rows; ΔW for
+        a ΔW space): :meth:`~wsa.space.FittedSpace.member_residual_sq`.
     flags_ : list of dict
         One record per (model, reason): ``id``, ``source``, ``reason``, ``score``, ``threshold``.
     duplicates_ : list of dict
@@ -137,7 +97,6 @@ class Outliers(Analyzer):
     """
 
     name: ClassVar[str] = "outliers"
-    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Outliers and near-duplicates"
     reference: ClassVar[str] = (
         "Iglewicz & Hoaglin, How to Detect and Handle Outliers, 1993 (modified z-score); "
@@ -182,7 +141,9 @@ class Outliers(Analyzer):
         n = len(rows)
         self.notes_: list[str] = []
 
-        resid_sq, coefs = streamed_residuals(ctx, rows, self.block_rows)
+        # What the space misses of each member, in its units (one streamed pass for an explicit space).
+        resid_sq = space.member_residual_sq(store, self.block_rows)
+        coefs = np.asarray(space.coefficients, dtype=np.float64)
         self.residual_ = np.sqrt(resid_sq)
         norm = np.sqrt((coefs**2).sum(axis=1) + resid_sq)
 
@@ -239,7 +200,7 @@ class Outliers(Analyzer):
                 flag(int(i), f"unusually {side} ΔW norm (robust z)", float(self.delta_z_[i]), self.z_threshold)
         self.flags_ = flags
 
-        self.duplicates_ = self._duplicates(ctx, rows, coefs, resid_sq, norm, meta)
+        self.duplicates_ = self._duplicates(ctx, coefs, resid_sq, norm, meta)
         ctx.artifacts["outliers"] = {
             "ids": sorted({f["id"] for f in flags}),
             "duplicates": [(d["id_a"], d["id_b"]) for d in self.duplicates_],
@@ -249,7 +210,6 @@ class Outliers(Analyzer):
     def _duplicates(
         self,
         ctx: AnalysisContext,
-        rows: np.ndarray,
         coefs: np.ndarray,
         resid_sq: np.ndarray,
         norm: np.ndarray,
@@ -261,7 +221,7 @@ class Outliers(Analyzer):
         its PC coefficients ``c`` and the residual ``e`` gives the lower bound
         ``‖u_i − u_j‖² ≥ ‖c_i/‖x̃_i‖ − c_j/‖x̃_j‖‖² + (‖e_i‖/‖x̃_i‖ − ‖e_j‖/‖x̃_j‖)²``, and any projection of it
         (the first few coefficients) is smaller still. So: radius search in a few normalised coefficients,
-        prune with the bound, then check the survivors exactly on the stored rows.
+        prune with the bound, then check the survivors exactly (:func:`member_cosines`).
         """
         from sklearn.neighbors import NearestNeighbors
 
@@ -299,11 +259,13 @@ class Outliers(Analyzer):
             for _, a, b in candidates:
                 pairs.setdefault((a, b), {"same_file": False})
 
-        # Exact cosine on the stored rows for every reported pair.
-        cosine = _exact_cosine(ctx, rows)
+        # Exact cosine from the members' own rows for every candidate pair.
+        ordered = sorted(pairs.items())
+        first = np.asarray([a for (a, _), _ in ordered], dtype=np.int64)
+        second = np.asarray([b for (_, b), _ in ordered], dtype=np.int64)
+        cosines = member_cosines(ctx, first, second)
         out = []
-        for (a, b), info in sorted(pairs.items()):
-            cos = cosine(a, b)
+        for ((a, b), info), cos in zip(ordered, cosines.tolist(), strict=True):
             if info["same_file"] or cos >= self.cosine_threshold:
                 out.append(
                     {

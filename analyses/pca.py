@@ -8,7 +8,7 @@ the sample (w2w, Sec. 3).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from wsa.analyses.base import (
 )
 from wsa.palette import OKABE_ITO
 
+if TYPE_CHECKING:  # pragma: no cover
+    from wsa.space import FittedSpace
+
 
 def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: int = 2048) -> np.ndarray:
     """Per fitted row: ``‖x̃ − x̂_k‖² / ‖x̃‖²`` in the (centered, scaled) space with the first ``k`` PCs."""
@@ -41,33 +44,28 @@ def residual_fractions(ctx: AnalysisContext, k: int | None = None, block_rows: i
 NO_VARIANCE = "all adapters are identical: no variance to analyse"
 
 
-def has_variance(space: Any) -> bool:
+def has_variance(space: FittedSpace) -> bool:
     """Is there anything to analyse: a finite, positive total variance that is not float rounding of zero?
 
     Ten copies of one adapter give a total variance of exactly 0 (or ~1e-14 of ‖mean‖² from rounding);
-    every ratio would then be 0/0.
+    every ratio would then be 0/0. ``‖mean‖²`` comes from the space (:meth:`~wsa.space.FittedSpace.mean_sq_norm`),
+    in its own units, so one test serves either geometry.
     """
-    total = float(getattr(space, "total_variance", 0.0))
+    total = float(space.total_variance)
     if not math.isfinite(total) or total <= 0:
         return False
-    explained = np.asarray(getattr(space, "explained_variance", ()), dtype=np.float64)
+    explained = np.asarray(space.explained_variance, dtype=np.float64)
     if explained.size and not (np.isfinite(explained).all() and explained.max() > 0):
         return False
-    mean = getattr(space, "mean", None)
-    if mean is not None and space.geometry == "explicit":
-        n = max(int(getattr(space, "n_samples", 2)) - 1, 1)
-        scale = np.asarray(getattr(space, "scale", 1.0), dtype=np.float64)
-        norm = float(np.sum((np.asarray(mean, dtype=np.float64) / scale) ** 2))
-        # x − mean of identical float32 rows is 0 up to a few ulp: ~1e-13·‖mean‖² in all
-        if norm > 0 and total * n <= 1e-10 * norm:
-            return False
-    return True
+    n = max(int(space.n_samples) - 1, 1)
+    norm = space.mean_sq_norm()
+    # x − mean of identical float32 rows is 0 up to a few ulp: ~1e-13·‖mean‖² in all
+    return not (norm > 0 and total * n <= 1e-10 * norm)
 
 
 @register_analyzer
 class PCA(Analyzer):
     name: ClassVar[str] = "pca"
-    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Principal components: the subspace"
     reference: ClassVar[str] = (
         "Dravid et al., Interpreting the Weight Space of Customized Diffusion Models, arXiv 2406.09413"
@@ -89,8 +87,6 @@ class PCA(Analyzer):
         self.eval_k = eval_k
 
     def fit(self, ctx: AnalysisContext) -> PCA:
-        from wsa.space import heldout_reconstruction
-
         self._validate_params()
         space = ctx.space
         if not has_variance(space):
@@ -109,25 +105,12 @@ class PCA(Analyzer):
             k_max = min(self.k_, int(n * (1 - self.heldout_fraction)) - 1)
             ks = self.heldout_ks or sorted({int(k) for k in np.unique(np.geomspace(1, max(k_max, 1), num=12).round())})
             ks = [k for k in ks if k <= k_max]
-            if ks and space.geometry == "explicit":
-                self.heldout_ = heldout_reconstruction(
+            if ks:  # in the space's own geometry (dual form, kernel PCA on the train Gram, for a ΔW space)
+                self.heldout_ = space.heldout(
                     ctx.store,
                     ks,
                     test_fraction=self.heldout_fraction,
                     random_state=ctx.random_state,
-                    center=bool(space.config.get("center", True)),
-                    standardize=bool(space.config.get("standardize", False)),
-                    progress=ctx.progress,
-                )
-            elif ks:  # ΔW space from factor Grams: the same test in dual form (kernel PCA on the train Gram)
-                from wsa.gram import heldout_reconstruction_gram
-
-                self.heldout_ = heldout_reconstruction_gram(
-                    ctx.store,
-                    ks,
-                    test_fraction=self.heldout_fraction,
-                    random_state=ctx.random_state,
-                    device=str(space.config.get("device", "cpu")),
                     progress=ctx.progress,
                 )
         return self

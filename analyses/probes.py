@@ -111,7 +111,6 @@ class Probes(Analyzer):
     """
 
     name: ClassVar[str] = "probes"
-    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Attribute probes and edit directions"
     reference: ClassVar[str] = (
         "Dravid et al., Interpreting the Weight Space of Customized Diffusion Models, arXiv 2406.09413 (Sec. 3.2)"
@@ -229,12 +228,10 @@ class Probes(Analyzer):
         score_std = np.std(z @ directions.T, axis=0, ddof=1)
         debiased_std = np.std(z @ debiased.T, axis=0, ddof=1)
 
-        weight = debiased_weight = scale = None  # a ΔW space fitted from Grams has no components to map through
-        if space.geometry == "explicit":
-            components = np.asarray(space.components[:k], dtype=np.float32)
-            scale = np.asarray(space.scale, np.float32)
-            weight = directions.astype(np.float32) @ components
-            debiased_weight = debiased.astype(np.float32) @ components
+        # The same directions as changes of the weights, in the basis the space's geometry has (store columns
+        # through the components, or weights over the members' ΔW for a ΔW space).
+        weight = space.directions_in_weights(directions)
+        debiased_weight = space.directions_in_weights(debiased)
 
         self.feature_scale_ = feature_scale
         self.infos_ = infos
@@ -255,16 +252,13 @@ class Probes(Analyzer):
         self.cos_debiased_ = debiased @ directions.T
         self.weight_directions_ = weight
         self.debiased_weight_directions_ = debiased_weight
-        self.raw_scale_ = scale
         self.warnings_ = warnings
 
         ctx.artifacts["probes"] = self.artifacts()
         return self
 
     def write_artifacts(self, out: Path) -> list[Path]:
-        """``space/directions.*`` for ``wsa edit`` (when the space has explicit weight-space directions)."""
-        if getattr(self, "weight_directions_", None) is None:
-            return []
+        """``space/directions.*`` for ``wsa edit``, in either geometry (it steps along the PC vectors)."""
         return list(self.save_directions(Path(out) / "space"))
 
     def _debias_set(self, probed: list[str], infos: dict[str, AttributeInfo]) -> set[str]:
@@ -454,12 +448,15 @@ class Probes(Analyzer):
         """Write ``directions.safetensors`` and ``directions.json`` (each atomically) for ``wsa edit``.
 
         Tensors are named ``"<direction>/<part>"`` with parts :data:`wsa.directions.PARTS`: unit vectors in
-        PC space (``pc``, ``debiased_pc``, ``probe_pc``; shape (k,)), the same two edit directions in
-        the standardized weight space (``weight``, ``debiased_weight``: ``pc @ components``, unit norm,
-        shape (n_features,)) and in raw weights (``raw_weight``, ``debiased_raw_weight``: the
-        standardized vector times ``scale``, i.e. the raw change per unit step). The JSON holds kinds,
-        score standard deviations, label mappings and ``k``; it is written last and carries the sha256
-        of the tensors file, so a half-finished pair is refused by :meth:`wsa.directions.Directions.load`.
+        PC space (``pc``, ``debiased_pc``, ``probe_pc``; shape (k,)), and the same two edit directions as
+        changes of the weights (:meth:`~wsa.space.FittedSpace.directions_in_weights`) in the space's units
+        (``weight``, ``debiased_weight``) and as the raw change per unit step (``raw_weight``,
+        ``debiased_raw_weight``). Their basis is ``meta["weight_basis"]``: ``"features"`` for an explicit
+        space (``pc @ components``, shape (n_features,); raw = that times ``scale``), ``"members"`` for a ΔW
+        space (one weight per member of ``space.ids``: the direction is ``Σ_i w_i · ΔW_i``; ``n_features``
+        is then the number of members). The JSON holds kinds, score standard deviations, label mappings
+        and ``k``; it is written last and carries the sha256 of the tensors file, so a half-finished pair
+        is refused by :meth:`wsa.directions.Directions.load`.
 
         Returns
         -------
@@ -467,22 +464,24 @@ class Probes(Analyzer):
             The tensors file and the JSON file.
         """
         self._check_is_fitted()
+        weight, debiased = self.weight_directions_, self.debiased_weight_directions_
         vectors = {
             name: {
                 "pc": self.directions_[i],
                 "debiased_pc": self.debiased_[i],
                 "probe_pc": self.probe_directions_[i],
-                "weight": self.weight_directions_[i],
-                "debiased_weight": self.debiased_weight_directions_[i],
-                "raw_weight": self.weight_directions_[i] * self.raw_scale_,
-                "debiased_raw_weight": self.debiased_weight_directions_[i] * self.raw_scale_,
+                "weight": weight.standardized[i],
+                "debiased_weight": debiased.standardized[i],
+                "raw_weight": weight.raw[i],
+                "debiased_raw_weight": debiased.raw[i],
             }
             for i, name in enumerate(self.direction_names_)
         }
         meta = {
             "wsa_version": _wsa_version(),
             "k": self.k_,
-            "n_features": int(self.weight_directions_.shape[1]),
+            "n_features": int(weight.standardized.shape[1]),
+            "weight_basis": weight.basis,
             "kinds": {a: info.kind for a, info in self.infos_.items()},
             "label_mapping": self._label_mapping(),
             "debias": list(self.debias_set_),
@@ -568,9 +567,7 @@ class Probes(Analyzer):
                     "attribute": attr,
                     "kind": self.infos_[attr].kind,
                     "ls_norm": float(self.ls_norm_[i]),
-                    "raw_weight_norm": np.nan
-                    if self.weight_directions_ is None
-                    else float(np.linalg.norm(self.weight_directions_[i] * self.raw_scale_)),
+                    "raw_weight_norm": float(self.weight_directions_.raw_norms[i]),
                     "score_std": float(self.score_std_[i]),
                     "debiased_score_std": float(self.debiased_score_std_[i]),
                     "cos_ls_probe": float(self.directions_[i] @ self.probe_directions_[i]),
@@ -640,8 +637,9 @@ class Probes(Analyzer):
         summary += "."
         notes = [
             "Directions are w2w's least squares on centered PC coordinates (pinv(Z) @ centered labels), normalised; "
-            "probe normals are the logistic/ridge coefficients. Both live in the standardized space; the raw-weight "
-            "version is the standardized vector times the per-feature scale.",
+            "probe normals are the logistic/ridge coefficients. Both live in the space's units (standardized weights, "
+            "or ΔW in a ΔW space); raw_weight_norm is the size of the weight change per unit step (the standardized "
+            "vector times the per-feature scale).",
             "score_std is the standard deviation of each model's projection on the unit direction: an edit of "
             "strength s moves a model by s × score_std along the direction.",
             "p-values are permutation p-values (1 + #shuffles ≥ real) / (1 + #shuffles); with "

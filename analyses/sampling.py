@@ -118,7 +118,6 @@ class Sampling(Analyzer):
     """
 
     name: ClassVar[str] = "sampling"
-    requires_components: ClassVar[bool] = False
     title: ClassVar[str] = "Sampling: novelty and attribute fidelity of Gaussian samples"
     reference: ClassVar[str] = "Dravid et al. 2024, Interpreting the Weight Space of Customized Diffusion Models, §4.2"
     requires_labels: ClassVar[bool] = False

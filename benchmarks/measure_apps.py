@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from wsa.atomic import write_json
-from wsa.editing import edit_direction, edited_rows
+from wsa.editing import edit_direction, edited_points
 from wsa.worlds.family import IDENTITY_TOKEN
 
 
@@ -41,7 +41,7 @@ def edits(ws, decoder, oracle, labels: pd.DataFrame, strengths, n_ids: int, seed
         per: dict[str, Any] = {}
         for debias in ([], others):
             direction = edit_direction(ws, spec.name, debias)
-            rows = np.vstack([edited_rows(ws, ws.member_row(i)[0], direction, [0.0, *strengths]) for i in pool])
+            rows = np.vstack([edited_points(ws, ws.member(i)[0], direction, [0.0, *strengths]) for i in pool])
             n_levels = len(strengths) + 1
             assignment = np.repeat(np.arange(len(rows)), len(seeds)).tolist()
             images = decoder.images(rows, assignment, np.tile(seeds, len(rows)).tolist())
@@ -105,7 +105,7 @@ def persistence(ws, decoder, oracle, n_models: int, seeds: int, kind: str = "dia
     sampled = _gaussian_draw(z_all, kind, n_models, 1.0, 0)
     rows = {
         "sampled": ws.space.inverse_transform(sampled.astype(np.float32)),
-        "members": np.vstack([ws.member_row(i)[0] for i in ws.ids[:n_models]]),
+        "members": np.vstack([ws.member(i)[0] for i in ws.ids[:n_models]]),
     }
     views = family.sample_nuisance(n_models * seeds, seed=99)
     prompts = family.prompts(views, token=IDENTITY_TOKEN)
@@ -173,7 +173,7 @@ def inversion(ws, decoder, oracle, n_ids: int, steps: int, seeds: list[int]) -> 
         for method in ("inversion", "finetune"):
             t0 = time.time()
             if method == "inversion":
-                rows = invert(ws, decoder, images, steps=steps, progress=False).row
+                rows = invert(ws, decoder, images, steps=steps, progress=False).point
             else:
                 rows = finetune_on_image(decoder, images, ws.layout, steps=steps, progress=False)
             seconds = time.time() - t0
@@ -195,7 +195,7 @@ def sampling(ws, decoder, oracle, n: int) -> dict[str, Any]:
     """Novelty (nearest member in PC space vs members' own nearest-neighbour distances) and plausibility."""
     z_all = np.asarray(ws.space.coefficients, dtype=np.float64)
     out: dict[str, Any] = {}
-    members = np.vstack([ws.member_row(i)[0] for i in ws.ids[:n]])
+    members = np.vstack([ws.member(i)[0] for i in ws.ids[:n]])
     member_images = decoder.images(members, list(range(n)), [0] * n)
     out["members_confidence"] = float(oracle.confidence(member_images).mean())
     train_nn = _nearest(z_all, z_all, exclude_self=True)

@@ -68,7 +68,12 @@ def common(f: Callable) -> Callable:
             show_default=True,
             help="Tensor dtype on disk.",
         ),
-        click.option("--rank", type=click.IntRange(1), help="Delta spaces only: re-factor ΔW by SVD to this rank."),
+        click.option(
+            "--rank",
+            type=click.IntRange(1),
+            help="Re-factor every module to at most this rank by truncated SVD of its ΔW (the energy kept is "
+            "reported) [default: exact factors; a ΔW-space point's are its stacked members' factors].",
+        ),
         click.option("--seeds", "seeds_text", default="0-3", show_default=True, help="Seeds of decoded images."),
         click.option(
             "--sample-steps",
@@ -117,24 +122,23 @@ class Job:
             self.record["decoder"] = self._decoder.describe()
         return self._decoder
 
-    def write_models(self, rows: np.ndarray, names: list[str], extra: list[dict] | None = None) -> list[Path]:
+    def write_models(self, points: np.ndarray, names: list[str], extra: list[dict] | None = None) -> list[Path]:
+        """The models at ``points`` (of the space's geometry) as adapter files, and their record."""
         from wsa.atomic import own_folder
-        from wsa.points import export_rows
+        from wsa.points import export_adapters
 
         meta = {"space": str(self.ws.folder), "command": self.command}
         if self.ws.info.get("base"):
             meta["base"] = str(self.ws.info["base"])
-        paths, report = export_rows(
-            rows,
-            names,
-            self.ws.layout,
+        paths, report = export_adapters(
+            self.ws.points.adapters(points, names),
             own_folder(self.out, "adapters"),
             format=self.opts["fmt"],
             dtype=self.opts["dtype"],
             rank=self.opts["rank"],
             metadata=meta,
         )
-        z = self.ws.coefficients(rows)
+        z = self.ws.points.coefficients(points)
         for i, (name, path) in enumerate(zip(names, paths, strict=True)):
             entry = {"name": name, "path": str(path), "coefficients_first_8": [round(float(v), 5) for v in z[i, :8]]}
             if extra:
@@ -143,8 +147,8 @@ class Job:
         self.record["export"] = report
         return paths
 
-    def images(self, rows: np.ndarray, assignment: list[int], seeds: list[int], prompts=None, **kw) -> Any:
-        return self.decoder.images(rows, assignment, seeds, prompts, **kw)
+    def images(self, points: np.ndarray, assignment: list[int], seeds: list[int], prompts=None, **kw) -> Any:
+        return self.decoder.images(self.ws.points.stacks(points), assignment, seeds, prompts, **kw)
 
     def write_grid(self, images: Any, columns: int, labels: list[str] | None = None, name: str = "grid.png") -> Path:
         from wsa.images import save_grid
@@ -222,14 +226,14 @@ def sample(space, n, kind, temperature, k, seed, **opts) -> None:
     k = z_all.shape[1] if k is None else min(k, z_all.shape[1])
     gaussian = fit_gaussian(z_all[:, :k], kind)
     z = gaussian.sample(n, temperature=temperature, random_state=np.random.default_rng(seed))
-    rows = job.ws.space.inverse_transform(z.astype(np.float32))
+    points = job.ws.points.from_coefficients(z)
     distance = novelty(z, z_all[:, :k])
     names = [f"sample_{i:03d}" for i in range(n)]
-    job.write_models(rows, names, [{"nearest_member_distance": float(d)} for d in distance])
+    job.write_models(points, names, [{"nearest_member_distance": float(d)} for d in distance])
     job.record["sampler"] = {"kind": kind, "temperature": temperature, "k": k, "seed": seed}
     if not opts["no_images"]:
         assignment = np.repeat(np.arange(n), len(job.seeds)).tolist()
-        images = job.images(rows, assignment, np.tile(job.seeds, n).tolist())
+        images = job.images(points, assignment, np.tile(job.seeds, n).tolist())
         job.write_grid(images, len(job.seeds), names)
     job.finish()
 
@@ -273,16 +277,16 @@ def edit(space, model, attr, strength, debias, inject_after, strip, **opts) -> N
       wsa edit reports/faces --model id_00042 --attr beard --strength +2 --out out/beard
       wsa edit reports/faces --model id_00042 --attr skin_tone --strength -1.5 --debias beard,bald --strip 5 --out out/s
     """
-    from wsa.editing import edit_direction, edited_rows
+    from wsa.editing import edit_direction, edited_points
 
     job = Job("edit", space, opts)
     debias_list = [a.strip() for a in debias.split(",") if a.strip()]
     direction = edit_direction(job.ws, attr, debias_list)
-    row, how = job.ws.member_row(model)
+    point, how = job.ws.member(model)
     strengths = [0.0, float(strength)] if strip is None else np.linspace(-abs(strength), abs(strength), strip).tolist()
-    rows = edited_rows(job.ws, row, direction, strengths)
+    points = edited_points(job.ws, point, direction, strengths)
     label = f"{Path(model).name}_{attr.replace('=', '-')}_{strength:+g}"
-    job.write_models(edited_rows(job.ws, row, direction, [float(strength)]), [label])
+    job.write_models(edited_points(job.ws, point, direction, [float(strength)]), [label])
     job.record["edit"] = {
         "model": model,
         "model_row": how,
@@ -299,10 +303,10 @@ def edit(space, model, attr, strength, debias, inject_after, strip, **opts) -> N
         assignment = np.repeat(np.arange(n), s).tolist()
         before = None
         if inject_after:  # the unedited model draws the first steps of every image
-            rows = np.vstack([rows, row[None]])
+            points = job.ws.points.stack([points, point])
             before = [n] * (n * s)
         images = job.images(
-            rows, assignment, np.tile(job.seeds, n).tolist(), inject_after=inject_after, assignment_before=before
+            points, assignment, np.tile(job.seeds, n).tolist(), inject_after=inject_after, assignment_before=before
         )
         job.write_grid(images, s, [f"{v:+.2f}σ" for v in strengths])
     job.finish()
@@ -360,7 +364,7 @@ def invert(space, image, mask, k, opt_steps, lr, batch, prior_weight, seed, **op
         seed=seed,
         progress=not opts["quiet"],
     )
-    job.write_models(result.row[None], ["inverted"])
+    job.write_models(np.atleast_2d(result.point), ["inverted"])
     job.record["inversion"] = {
         "image": str(image),
         "mask": mask,
@@ -372,7 +376,7 @@ def invert(space, image, mask, k, opt_steps, lr, batch, prior_weight, seed, **op
         "losses": [round(v, 5) for v in result.losses],
     }
     if not opts["no_images"]:
-        images = job.images(result.row[None], [0] * len(job.seeds), job.seeds)
+        images = job.images(np.atleast_2d(result.point), [0] * len(job.seeds), job.seeds)
         job.write_grid(torch.cat([target[None], images]), len(job.seeds) + 1, ["input | inverted model"])
     job.finish()
 
@@ -402,25 +406,26 @@ def interpolate(space, start, end, steps, kind, **opts) -> None:
     Example:
       wsa interpolate reports/faces --from id_00001 --to id_00042 --steps 7 --out out/path
     """
-    from wsa.sampling import interpolate_pc, interpolate_weights
+    from wsa.sampling import interpolate_pc
 
     job = Job("interpolate", space, opts)
-    a, _ = job.ws.member_row(start)
-    b, _ = job.ws.member_row(end)
-    if kind == "weight":
-        rows = interpolate_weights(a, b, steps)
-    else:
-        za, zb = job.ws.coefficients(np.stack([a, b]))
-        rows = job.ws.space.inverse_transform(interpolate_pc(za, zb, steps).astype(np.float32))
+    a, _ = job.ws.member(start)
+    b, _ = job.ws.member(end)
+    a, b = job.ws.points.stack([a, b])  # one width: the second may have added an outside adapter
     t = np.linspace(0, 1, steps)
+    if kind == "weight":
+        points = a + t[:, None] * (b - a)
+    else:
+        za, zb = job.ws.points.coefficients(np.vstack([a, b]))
+        points = job.ws.points.from_coefficients(interpolate_pc(za, zb, steps))
     names = [f"path_{i:02d}" for i in range(steps)]
-    job.write_models(rows, names, [{"t": float(x)} for x in t])
+    job.write_models(points, names, [{"t": float(x)} for x in t])
     job.record["path"] = {"from": start, "to": end, "kind": kind, "t": t.tolist()}
     if not opts["no_images"]:
         s = len(job.seeds)
         assignment = np.tile(np.arange(steps), s).tolist()
         seeds = np.repeat(job.seeds, steps).tolist()
-        images = job.images(rows, assignment, seeds)
+        images = job.images(points, assignment, seeds)
         job.write_grid(images, steps, [f"seed {x}" for x in job.seeds])
     job.finish()
 
@@ -452,7 +457,7 @@ def decode(space, models, prompts_file, **opts) -> None:
     names = [m.strip() for m in models.split(",") if m.strip()]
     if not names:
         raise click.BadParameter("give at least one model", param_hint="--models")
-    rows = np.stack([job.ws.member_row(m)[0] for m in names])
+    points = job.ws.points.stack([job.ws.member(m)[0] for m in names])
     prompts = [job.decoder.prompt]
     if prompts_file:
         prompts = [line.strip() for line in Path(prompts_file).read_text().splitlines() if line.strip()]
@@ -463,7 +468,7 @@ def decode(space, models, prompts_file, **opts) -> None:
     per_model = [(p, s) for p in prompts for s in job.seeds]
     assignment = np.repeat(np.arange(len(names)), len(per_model)).tolist()
     images = job.images(
-        rows, assignment, [s for _ in names for _, s in per_model], [p for _ in names for p, _ in per_model]
+        points, assignment, [s for _ in names for _, s in per_model], [p for _ in names for p, _ in per_model]
     )
     job.record["decode"] = {"models": names, "prompts": prompts, "seeds": job.seeds}
     job.write_grid(images, len(per_model), names)

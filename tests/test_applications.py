@@ -19,9 +19,9 @@ from click.testing import CliRunner
 import wsa
 from wsa.cli import main
 from wsa.cli.apply import parse_seeds
-from wsa.editing import edit_direction, edited_rows
+from wsa.editing import edit_direction, edited_points
 from wsa.errors import ConfigError
-from wsa.points import export_rows, refactor_to_rank
+from wsa.points import export_adapters, refactor_dense
 from wsa.store.representations import encode
 from wsa.workspace import Workspace
 
@@ -59,20 +59,20 @@ def test_workspace_records_base_prompt_and_layout(report):
     ws = Workspace.open(report)
     assert ws.info["base"] == "builtin:faces" and ws.info["prompt"].startswith("a sks face")
     assert ws.layout.n_features == 4480 and ws.store is not None
-    row, how = ws.member_row("id_00003")
+    row, how = ws.member("id_00003")
     assert how == "store row"
-    np.testing.assert_array_equal(row, ws.store.read_rows([ws.store.index("id_00003")])[0])
+    np.testing.assert_array_equal(row[0], ws.store.read_rows([ws.store.index("id_00003")])[0])
     with pytest.raises(ConfigError, match="neither a member id"):
-        ws.member_row("id_99999")
+        ws.member("id_99999")
 
 
 def test_edit_strength_is_calibrated_and_zero_is_identity(report):
     ws = Workspace.open(report)
     direction = edit_direction(ws, "beard")
-    row, _ = ws.member_row("id_00001")
-    rows = edited_rows(ws, row, direction, [0.0, 1.0, 2.0])
-    np.testing.assert_allclose(rows[0], row, atol=1e-6)
-    z = ws.coefficients(rows)[:, : direction.vector.shape[0]]
+    row, _ = ws.member("id_00001")
+    rows = edited_points(ws, row, direction, [0.0, 1.0, 2.0])
+    np.testing.assert_allclose(rows[0], row[0], atol=1e-6)
+    z = ws.points.coefficients(rows)[:, : direction.vector.shape[0]]
     moved = z @ direction.vector
     # One unit of strength moves the model's score by one σ of the collection's scores.
     np.testing.assert_allclose(moved[1] - moved[0], direction.sigma, rtol=1e-3)
@@ -124,7 +124,7 @@ def test_edit_command_writes_adapter_grid_and_record(report, tmp_path):
     assert len(record["images"][0]["oracle"]["reads"]) == 4  # 2 strengths × 2 seeds, read by the oracle
     adapter = wsa.load_adapter(out / "adapters" / "id_00002_beard_+2")
     ws = Workspace.open(report)
-    expected = edited_rows(ws, ws.member_row("id_00002")[0], edit_direction(ws, "beard", ["bald"]), [2.0])[0]
+    expected = edited_points(ws, ws.member("id_00002")[0], edit_direction(ws, "beard", ["bald"]), [2.0])[0]
     np.testing.assert_allclose(encode(adapter, ws.layout), expected, rtol=1e-6, atol=1e-7)
     assert (out / "grid.png").is_file()
 
@@ -168,7 +168,7 @@ def test_sample_interpolate_decode_commands(report, tmp_path):
     )
     assert code == 0, output
     ws = Workspace.open(report)
-    a, b = ws.member_row("id_00001")[0], ws.member_row("id_00004")[0]
+    a, b = ws.member("id_00001")[0][0], ws.member("id_00004")[0][0]
     mid = encode(wsa.load_adapter(tmp_path / "i" / "adapters" / "path_01"), ws.layout)
     np.testing.assert_allclose(mid, (a + b) / 2, rtol=1e-5, atol=1e-6)
     prompts = tmp_path / "prompts.txt"
@@ -209,7 +209,7 @@ def test_invert_recovers_a_member_better_than_the_mean(report, tmp_path):
     image = faces.render(table.iloc[2:3], faces.neutral_nuisance(1), size=32)[0]
     result = invert(ws, decoder, image, steps=25, lr=0.1, batch=4, progress=False)
     assert np.mean(result.losses[-5:]) < np.mean(result.losses[:5])
-    assert result.row.shape == (ws.layout.n_features,)
+    assert result.point.shape == (ws.layout.n_features,)
     # the file round trip through the command line, with a mask
     from PIL import Image
 
@@ -248,7 +248,7 @@ def test_delta_rows_refactor_with_energy_reported(report, tmp_path):
     full = Adapter(
         "x", "test", {n: ModuleWeights("full", {"diff": d}, tuple(d.shape), 0, None, 1.0) for n, d in dense.items()}
     )
-    lora, energy = refactor_to_rank(full, 1)
+    lora, energy = refactor_dense(full, 1)
     for name, d in dense.items():
         torch.testing.assert_close(lora.delta(name), d, atol=1e-5, rtol=1e-4)  # rank-1 ΔW: exact at rank 1
         assert energy[name] == pytest.approx(1.0)
@@ -260,18 +260,20 @@ def test_delta_rows_refactor_with_energy_reported(report, tmp_path):
             for n, d in dense.items()
         },
     )
-    _, energy = refactor_to_rank(noisy, 1)
+    _, energy = refactor_dense(noisy, 1)
     assert all(0.0 < e < 1.0 for e in energy.values())
 
 
-def test_export_rows_refuses_dense_rows_without_rank(tmp_path):
+def test_export_refuses_dense_rows_without_rank(tmp_path):
     from wsa.store.layout import build_layout
+    from wsa.store.representations import decode
 
     layout = build_layout("delta", [("a.to_q", "full", (4, 3), 0, 1.0, [("diff", (4, 3))], None)])
     rows = np.random.default_rng(0).standard_normal((1, 12)).astype(np.float32)
+    adapters = [decode(rows[0], layout, path="p")]
     with pytest.raises(ConfigError, match="--rank"):
-        export_rows(rows, ["p"], layout, tmp_path, format="peft")
-    paths, report = export_rows(rows, ["p"], layout, tmp_path, format="peft", rank=2)
+        export_adapters(adapters, tmp_path, format="peft")
+    paths, report = export_adapters(adapters, tmp_path, format="peft", rank=2)
     assert report["exact"] is False and 0 < report["energy_kept_mean"] < 1
     assert wsa.load_adapter(paths[0]).modules["a.to_q"].rank == 2
 

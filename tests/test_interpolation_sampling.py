@@ -40,10 +40,15 @@ N, D, N_LATENT, K, PROBE_K = 300, 48, 6, 12, 8
 
 @dataclass
 class _Store:
-    """The two things interpolation reads from a store: rows and their ids."""
+    """What a space reads from a store for interpolation: the ids and blocks of rows."""
 
     matrix: np.ndarray
     ids: tuple[str, ...]
+
+    def iter_blocks(self, block_rows: int = 1024, rows=None):
+        rows = np.arange(len(self.ids)) if rows is None else np.asarray(rows)
+        for start in range(0, len(rows), block_rows):
+            yield start, np.asarray(self.matrix[rows[start : start + block_rows]], dtype=np.float32)
 
 
 def _planted(seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:

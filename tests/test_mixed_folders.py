@@ -153,7 +153,7 @@ def test_fused_kohya_and_split_comfy_of_one_delta_share_the_module_set(tmp_path)
 def test_analyze_splits_families_and_lists_left_out_files(folder, tmp_path):
     out = tmp_path / "r"
     result = CliRunner().invoke(
-        main, ["analyze", str(folder), "--out", str(out), "--analyzers", "pca", "--repr", "canonical", "--quiet"]
+        main, ["analyze", str(folder), "--out", str(out), "--analyzers", "pca", "--space", "delta", "--quiet"]
     )
     assert result.exit_code == 0, result.output
     top = (out / "index.html").read_text()
@@ -173,7 +173,7 @@ def test_analyze_splits_families_and_lists_left_out_files(folder, tmp_path):
 def test_metadata_labels_and_colour_by(folder, tmp_path):
     _flux_kohya(folder / "flux" / "e_kohya_r8.safetensors", 8, 5, {"ss_network_dim": "8"})  # maps need 5
     out = tmp_path / "m"
-    args = ["analyze", str(folder / "flux"), "--out", str(out), "--repr", "canonical", "--quiet"]
+    args = ["analyze", str(folder / "flux"), "--out", str(out), "--space", "delta", "--quiet"]
     args += ["--analyzers", "pca,manifold", "--labels", "metadata:ss_network_dim,family"]
     args += ["--color-by", "ss_network_dim"]
     result = CliRunner().invoke(main, args)
@@ -189,7 +189,7 @@ def test_metadata_labels_and_colour_by(folder, tmp_path):
 def test_metadata_labels_after_a_split_by_family_never_lose_a_report(folder, tmp_path):
     """The help's example on a mixed folder: within each family the base-model field is constant."""
     out = tmp_path / "mixed"
-    args = ["analyze", str(folder), "--out", str(out), "--repr", "canonical", "--quiet", "--analyzers", "pca"]
+    args = ["analyze", str(folder), "--out", str(out), "--space", "delta", "--quiet", "--analyzers", "pca"]
     result = CliRunner().invoke(main, [*args, "--labels", "metadata", "--color-by", "ss_base_model_version"])
     assert result.exit_code == 0, result.output
     flux = json.loads((out / "flux1" / "results.json").read_text())["run"]

@@ -124,7 +124,10 @@ def test_least_squares_direction_recovers_planted(fitted, planted):
     assert abs(art["directions_pc"]["cont"] @ planted["truth_pc"]["bin_a"]) < 0.2
     # Weight space (standardized; scale is 1 here): the same direction, mapped through the components.
     i = probes.direction_names_.index("bin_a")
-    assert unit(probes.weight_directions_[i].astype(np.float64)) @ unit(planted["truth_weight"]["bin_a"]) >= 0.95
+    weight = probes.weight_directions_  # wsa.space.WeightDirections: over the store's columns for this space
+    assert weight.basis == "features"
+    assert unit(weight.standardized[i].astype(np.float64)) @ unit(planted["truth_weight"]["bin_a"]) >= 0.95
+    np.testing.assert_allclose(weight.raw_norms[i], np.linalg.norm(weight.raw[i]), rtol=1e-6)
 
 
 def test_debiasing_removes_projected_direction_and_keeps_the_rest(fitted, planted):
@@ -222,6 +225,7 @@ def test_save_directions_round_trips(fitted, planted, tmp_path):
     meta, tensors = loaded.meta, loaded.vectors
     art = ctx.artifacts["probes"]
     assert meta["k"] == K
+    assert meta["weight_basis"] == "features" and meta["n_features"] == D
     assert meta["kinds"] == art["kinds"]
     assert meta["label_mapping"] == art["label_mapping"]
     assert set(tensors) == set(art["directions_pc"])

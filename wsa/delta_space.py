@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,8 +21,17 @@ from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
 
 from wsa.atomic import write_bytes
-from wsa.errors import StoreError
-from wsa.space import SPACE_JSON, components_for
+from wsa.errors import ConfigError, StoreError
+from wsa.space import SPACE_JSON, WeightDirections, components_for
+from wsa.space.protocol import (
+    gram_spectrum,
+    member_positions,
+    member_rows,
+    module_columns,
+    pair_chunks,
+    read_rows,
+)
+from wsa.store.layout import Layout, ModuleLayout
 
 DELTA_SPACE_TENSORS = "delta_space.safetensors"
 DELTA_KIND = "delta-gram"
@@ -32,10 +42,10 @@ _TENSORS = ("coefficients", "explained_variance", "dual_weights", "row_sq_norms"
 class DeltaSpace:
     """PCA of ΔW in dual form: what ``wsa analyze --space delta`` fits, with no component matrix.
 
-    It answers the questions :class:`~wsa.space.Space` answers from coefficients (spectrum, PCs for
-    x %, per-model residuals, probes, maps, sampling statistics); analyzers that need explicit
-    components in weight space (``requires_components``) are skipped on it, and the applications
-    refuse it, each with a message saying so.
+    It answers every question of :class:`wsa.space.FittedSpace`, as :class:`~wsa.space.Space` does
+    (spectrum, PCs for x %, member norms, inner products and residuals, the held-out test, per-module
+    statistics, directions as weights), in the ΔW geometry and from the factors, so the analyzers run
+    on it with the code they run on an explicit space.
 
     Attributes
     ----------
@@ -91,6 +101,153 @@ class DeltaSpace:
         """⟨ΔW_i − mean, ΔW_j − mean⟩ of members ``i``, ``j`` from their uncentred inner product."""
         m = self.gram_row_means
         return float(inner_ij - m[i] - m[j] + m.mean())
+
+    def mean_sq_norm(self) -> float:
+        """``‖mean ΔW‖²``, the mean of :attr:`gram_row_means` (``⟨ΔW_i, mean ΔW⟩`` averaged over i).
+
+        The twin of :meth:`wsa.space.Space.mean_sq_norm`: the size the "no variance" test compares the total
+        variance against (identical adapters leave float rounding of it).
+        """
+        return float(np.mean(self.gram_row_means))
+
+    def member_inner(self, store: Any, a: Sequence[int], b: Sequence[int]) -> np.ndarray:
+        """``⟨ΔW_a − mean, ΔW_b − mean⟩`` for each pair of member positions ``a[p]``, ``b[p]``, float64.
+
+        The vectorised :meth:`centred_inner`: each pair's uncentred inner product from its factors (the r × r
+        factor Grams of :mod:`wsa.gram`, pair by pair — never ΔW), centred with :attr:`gram_row_means`.
+        The rows are read once per distinct member of each chunk of pairs (bounded memory).
+        """
+        from wsa.gram import _gram_plan
+
+        plan = _gram_plan(store.layout)
+        rows = member_rows(store, self.ids)
+        m = np.asarray(self.gram_row_means, dtype=np.float64)
+        out = np.empty(len(a), dtype=np.float64)
+        for where, members, ia, ib in pair_chunks(a, b, self.n_samples, store.layout.n_features):
+            x = read_rows(store, rows[members])
+            out[where] = _paired_inner(x[ia], x[ib], plan) - m[members[ia]] - m[members[ib]] + m.mean()
+        return out
+
+    def member_residual_inner(self, store: Any, a: Sequence[int], b: Sequence[int]) -> np.ndarray:
+        """``⟨r_a, r_b⟩`` of the pairs' residuals off the space: ``member_inner − c_a·c_b``.
+
+        The dual formula (the components are orthonormal in ΔW, and the space has no component matrix to
+        project with); :meth:`wsa.space.Space.member_residual_inner` projects the rows instead.
+        """
+        pa, pb = member_positions(a, self.n_samples), member_positions(b, self.n_samples)
+        c = np.asarray(self.coefficients, dtype=np.float64)
+        return self.member_inner(store, pa, pb) - np.einsum("ij,ij->i", c[pa], c[pb])
+
+    def member_residual_sq(self, store: Any = None, block_rows: int = 2048) -> np.ndarray:
+        """``‖r_i‖² = ‖ΔW_i − mean‖² − ‖c_i‖²`` (clipped at 0) of every member, from the fit alone (no read)."""
+        c = np.asarray(self.coefficients, dtype=np.float64)
+        return np.clip(np.asarray(self.row_sq_norms, dtype=np.float64) - np.einsum("ij,ij->i", c, c), 0.0, None)
+
+    def heldout(
+        self,
+        store: Any,
+        ks: Sequence[int],
+        *,
+        test_fraction: float = 0.2,
+        random_state: int | None = 0,
+        progress: bool = True,
+    ) -> dict[str, list]:
+        """The held-out reconstruction test in dual form (:func:`wsa.gram.heldout_reconstruction_gram`).
+
+        Kernel PCA on the train members' centred Gram, the same split and error as
+        :meth:`wsa.space.Space.heldout`; on the device the space was fitted on.
+        """
+        from wsa.gram import heldout_reconstruction_gram
+
+        return heldout_reconstruction_gram(
+            store,
+            list(ks),
+            test_fraction=test_fraction,
+            random_state=random_state,
+            device=str(self.config.get("device", "cpu")),
+            progress=progress,
+        )
+
+    def module_grams(
+        self, store: Any, modules: Sequence[Any], members: Sequence[int] | None = None, block_rows: int = 512
+    ) -> Iterator[np.ndarray]:
+        """Per module, in order: the (s, s) float64 uncentred ``⟨ΔW_i, ΔW_j⟩`` of that module for ``members``.
+
+        From the module's factors (:func:`wsa.gram.gram_block` on a one-module layout), read in column groups
+        of whole modules (:func:`wsa.space.protocol.module_columns`), as :meth:`wsa.space.Space.module_grams`.
+        """
+        from wsa.gram import gram_block
+
+        pos = member_positions(members, self.n_samples)
+        rows = member_rows(store, self.ids)[pos]
+        for i, x in module_columns(store, modules, rows, block_rows):
+            yield gram_block(x, x, Layout(store.layout.repr, (_at_column_zero(modules[i]),)))
+
+    def module_spectra(
+        self,
+        store: Any,
+        modules: Sequence[Any],
+        members: Sequence[int] | None = None,
+        k: int = 16,
+        block_rows: int = 512,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Per module, in order: the centred spectrum of ``members``' ΔW there and their top-``k`` PC scores.
+
+        The PCA of :meth:`module_grams` in dual form (:func:`~wsa.space.protocol.gram_spectrum`): ΔW has no
+        narrower side to decompose, so each module costs ``s³`` for ``s`` members.
+        """
+        for gram in self.module_grams(store, modules, members, block_rows):
+            yield gram_spectrum(gram, k)
+
+    def module_stats(
+        self, store: Any, modules: Sequence[Any], members: Sequence[int] | None = None, block_rows: int = 512
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per module: the variance of the members' ΔW and their ``‖ΔW_i‖²`` (uncentred), streamed from the factors.
+
+        ``Σ‖ΔW_i − mean‖² = Σ‖ΔW_i‖² − ‖Σ ΔW_i‖² / n``: the first term from each row's r × r factor Grams, the
+        second from one dense out × in running sum per module (the size of one adapter's ΔW). Returns
+        ``(variance (n_modules,), sq_norms (n, n_modules))``, as :meth:`wsa.space.Space.module_stats`.
+        """
+        from wsa.gram import _gram_plan
+
+        pos = member_positions(members, self.n_samples)
+        rows = member_rows(store, self.ids)[pos]
+        n = len(rows)
+        plans = [_gram_plan(Layout(store.layout.repr, (m,))) for m in modules]
+        sums: list[list[np.ndarray]] = [[] for _ in modules]  # running Σ ΔW_i per module, by part
+        sq_norms = np.zeros((n, len(modules)))
+        for start, block in store.iter_blocks(block_rows, rows=rows):
+            for j, plan in enumerate(plans):
+                sq_norms[start : start + len(block), j] = _paired_inner(block, block, plan)
+                parts = _delta_sums(block, plan)
+                sums[j] = parts if not sums[j] else [s + p for s, p in zip(sums[j], parts, strict=True)]
+        variance = np.array(
+            [
+                (sq_norms[:, j].sum() - sum(float(np.square(p).sum()) for p in sums[j]) / max(n, 1)) / max(n - 1, 1)
+                for j in range(len(modules))
+            ]
+        )
+        return np.clip(variance, 0, None), sq_norms
+
+    def directions_in_weights(self, directions: np.ndarray) -> WeightDirections:
+        """PC-space directions (m, k'), k' ≤ n_components, as weights over the members' ΔW (basis ``"members"``).
+
+        A ΔW space has no component matrix to map through; its exact weight-space direction for ``d`` is
+        ``Σ_i w_i · ΔW_i`` with ``w = dual_weights[:, :k'] @ d`` centred over the members (the weights sum to 0,
+        so the mean ΔW drops out), never formed. The space does not scale, so ``raw`` equals ``standardized``;
+        ``raw_norms`` is ``‖Σ_i w_i ΔW_i‖``, i.e. ``‖d‖`` over the components with variance (they are
+        orthonormal in ΔW).
+        """
+        d = np.atleast_2d(np.asarray(directions, dtype=np.float64))
+        if d.ndim != 2 or d.shape[1] > self.n_components:
+            raise ConfigError(f"directions must be (m, k) with k <= {self.n_components}; got {d.shape}")
+        k = d.shape[1]
+        w = self.dual_weights[:, :k] @ d.T  # (N, m)
+        w -= w.mean(axis=0, keepdims=True)
+        alive = np.asarray(self.explained_variance[:k]) > 0
+        norms = np.sqrt((d[:, alive] ** 2).sum(axis=1))
+        weights = np.ascontiguousarray(w.T, dtype=np.float32)
+        return WeightDirections("members", weights, weights.copy(), norms)
 
     def save(self, folder: str | Path) -> None:
         """``space.json`` (``"kind": DELTA_KIND``) + ``delta_space.safetensors``, written atomically."""
@@ -180,6 +337,47 @@ class DeltaSpace:
             ids=tuple(ids),
             config=dict(config),
         )
+
+
+def _paired_inner(xa: np.ndarray, xb: np.ndarray, plan: Any) -> np.ndarray:
+    """``⟨ΔW(xa[p]), ΔW(xb[p])⟩`` of matched rows, float64 (P,): the diagonal of ``gram_block``, pair by pair.
+
+    Why not ``gram_block``: it forms every pair of its two row sets (na × nb), while a list of pairs needs
+    only P of them. Same sum: per LoRA entry of the plan ``s² · Σ_{pq} (B_aᵀ B_b)_{pq} (A_a A_bᵀ)_{pq}``,
+    plus plain dot products of the dense columns.
+    """
+    p = xa.shape[0]
+    out = np.zeros(p, dtype=np.float64)
+    for dcols, ucols, dshape, ushape, scale in plan.lora:
+        da = xa[:, dcols].astype(np.float64).reshape(p, *dshape)  # (p, r, in)
+        db = xb[:, dcols].astype(np.float64).reshape(p, *dshape)
+        ua = xa[:, ucols].astype(np.float64).reshape(p, *ushape)  # (p, out, r)
+        ub = xb[:, ucols].astype(np.float64).reshape(p, *ushape)
+        gu = np.matmul(ua.transpose(0, 2, 1), ub)  # (p, r, r): B_aᵀ B_b
+        gd = np.matmul(da, db.transpose(0, 2, 1))  # (p, r, r): A_a A_bᵀ
+        out += scale * scale * (gu * gd).sum(axis=(1, 2))
+    if plan.dense.size:
+        out += np.einsum("ij,ij->i", xa[:, plan.dense].astype(np.float64), xb[:, plan.dense].astype(np.float64))
+    return out
+
+
+def _delta_sums(block: np.ndarray, plan: Any) -> list[np.ndarray]:
+    """``Σ_rows ΔW`` of a block, per entry of the plan: dense (out, in) per LoRA entry, then the dense columns."""
+    n = block.shape[0]
+    parts = []
+    for dcols, ucols, dshape, ushape, scale in plan.lora:
+        down = block[:, dcols].astype(np.float64).reshape(n, *dshape)  # (n, r, in)
+        up = block[:, ucols].astype(np.float64).reshape(n, *ushape)  # (n, out, r)
+        parts.append(scale * np.einsum("nor,nri->oi", up, down))
+    if plan.dense.size:
+        parts.append(block[:, plan.dense].astype(np.float64).sum(axis=0))
+    return parts
+
+
+def _at_column_zero(module: ModuleLayout) -> ModuleLayout:
+    """``module`` with its parts' offsets moved so that its first column is 0: the layout of its columns alone."""
+    shift = module.offset
+    return replace(module, parts=tuple(replace(p, offset=p.offset - shift) for p in module.parts))
 
 
 def load_space(folder: str | Path) -> Any:

@@ -77,16 +77,11 @@ def edit_direction(ws, attr: str, debias: Sequence[str] = ()) -> EditDirection:
     return EditDirection(attr, d.astype(np.float32), sigma, tuple(used), retained)
 
 
-def step_rows(space, rows: np.ndarray, dz: np.ndarray) -> np.ndarray:
-    """Rows moved by PC-space steps ``dz`` (n, m): ``row + scale ⊙ (dz @ components[:m])`` (broadcast)."""
-    dz = np.atleast_2d(np.asarray(dz, dtype=np.float32))
-    delta = dz @ np.asarray(space.components[: dz.shape[1]], dtype=np.float32)
-    if space.scale is not None:
-        delta = delta * np.asarray(space.scale, dtype=np.float32)
-    return np.atleast_2d(rows).astype(np.float32) + delta
+def edited_points(ws, point: np.ndarray, direction: EditDirection, strengths: Sequence[float]) -> np.ndarray:
+    """``point`` moved by ``strength × σ`` along the direction, one point per strength (strength 0: the point).
 
-
-def edited_rows(ws, row: np.ndarray, direction: EditDirection, strengths: Sequence[float]) -> np.ndarray:
-    """``row`` moved by ``strength × σ`` along the direction, one row per strength (strength 0: the row)."""
-    steps = np.outer(np.asarray(strengths, dtype=np.float32), direction.vector * direction.sigma)
-    return step_rows(ws.space, np.atleast_2d(row), steps)
+    Through the space's points (:attr:`wsa.workspace.Workspace.points`), so the same edit is a row step in an
+    explicit space and a change of member weights in a ΔW space.
+    """
+    steps = np.outer(np.asarray(strengths, dtype=np.float64), direction.vector.astype(np.float64) * direction.sigma)
+    return ws.points.step(np.repeat(np.atleast_2d(point), len(steps), axis=0), steps)

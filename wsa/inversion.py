@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsa.decoding.batched_lora import BatchedLoRA, DenseStack, LowRankStack
+from wsa.decoding.batched_lora import BatchedLoRA, LowRankStack
 from wsa.errors import ConfigError
 from wsa.store.layout import Layout
 from wsa.text import terminal_safe
@@ -30,7 +30,7 @@ from wsa.text import terminal_safe
 
 @dataclass
 class InversionResult:
-    row: np.ndarray  # the model in the store's representation
+    point: np.ndarray  # the model as a point of the space (a row, or member weights in a ΔW space)
     coefficients: np.ndarray  # (k,) PC coefficients
     losses: list[float]
     seconds: float
@@ -50,26 +50,6 @@ def load_image(path: str, size: int, mask: bool = False) -> Tensor:
     tensor = torch.from_numpy(array)
     tensor = tensor[None] if mask else tensor.permute(2, 0, 1)
     return F.interpolate(tensor[None], size=(size, size), mode="area")[0].clamp(0, 1)
-
-
-def row_stacks(rows: Tensor, layout: Layout) -> dict[str, Any]:
-    """Differentiable stacks from rows (M, D): LoRA parts stay factored, full ΔW dense."""
-    rows = rows if rows.ndim == 2 else rows[None]
-    m = rows.shape[0]
-    stacks: dict[str, Any] = {}
-    for ml in layout.modules:
-        parts = {p.name: rows[:, p.offset : p.offset + p.size].reshape(m, *p.shape) for p in ml.parts}
-        if ml.kind == "lora" and set(parts) <= {"down", "up"} and len(ml.shape) == 2:
-            scale = torch.full((m,), ml.scale, device=rows.device)
-            stacks[ml.name] = LowRankStack(parts["down"], parts["up"], scale)
-        elif ml.kind == "full" and set(parts) <= {"diff"} and len(ml.shape) == 2:
-            stacks[ml.name] = DenseStack(parts["diff"])
-        else:
-            raise ConfigError(
-                f"module {ml.name!r} ({ml.kind} with parts {sorted(parts)}) cannot be optimised; inversion supports "
-                "plain LoRA (raw, canonical) and dense ΔW (delta) layouts of linear layers"
-            )
-    return stacks
 
 
 class _DiffusionObjective:
@@ -134,14 +114,15 @@ def invert(
     """Optimise ``k`` PC coefficients of ``ws`` so the base denoises ``image`` (3, S, S) in [0, 1].
 
     ``image`` may also be a batch (M, 3, S, S) (with ``mask`` (M, 1, S, S)): M independent inversions
-    in one pass (each image's loss only reaches its own coefficients); ``row``/``coefficients`` are then
-    (M, D) / (M, k) and ``losses`` the mean over images.
+    in one pass (each image's loss only reaches its own coefficients); ``point``/``coefficients`` are then
+    (M, ·) / (M, k) and ``losses`` the mean over images. Either geometry: the coefficients reach the
+    weights through ``ws.points.torch_stacks`` (explicit rows, or a ΔW space's stacked member factors).
     """
     import time
 
     from tqdm.auto import tqdm
 
-    space = ws.space
+    space, points = ws.space, ws.points
     k = space.n_components if k is None else int(k)
     if not 1 <= k <= space.n_components:
         raise ConfigError(f"k must be in [1, {space.n_components}] (the space's components); got {k}")
@@ -150,13 +131,6 @@ def invert(
     started = time.time()
     objective = _DiffusionObjective(decoder, image, mask, batch, seed)
     device = objective.device
-    components = torch.as_tensor(np.array(space.components[:k], dtype=np.float32), device=device)
-    mean = torch.as_tensor(np.array(space.mean, dtype=np.float32), device=device)
-    scale = (
-        torch.ones_like(mean)
-        if space.scale is None
-        else torch.as_tensor(np.array(space.scale, dtype=np.float32), device=device)
-    )
     sigma = torch.as_tensor(np.sqrt(np.maximum(np.asarray(space.explained_variance[:k]), 1e-12)), device=device).float()
     start = np.asarray(space.coefficients[:, :k], dtype=np.float32).mean(0)  # the collection's mean model
     u = torch.nn.Parameter((torch.as_tensor(start, device=device) / sigma).repeat(objective.m, 1))
@@ -164,8 +138,7 @@ def invert(
     losses: list[float] = []
     bar = tqdm(range(steps), desc="invert", disable=None if progress else True, file=sys.stderr)
     for _ in bar:
-        rows = mean + scale * ((u * sigma) @ components)
-        loss = objective(row_stacks(rows, ws.layout))
+        loss = objective(points.torch_stacks(u * sigma))  # the same map z → weights in either geometry
         total = loss + prior_weight * u.pow(2).mean(1).sum()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -173,13 +146,11 @@ def invert(
         losses.append(float(loss.detach()) / objective.m)
         if len(losses) % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    with torch.no_grad():
-        z = (u * sigma).detach()
-        rows = (mean + scale * (z @ components)).cpu().numpy()
-    coefficients = z.cpu().numpy()
+    coefficients = (u * sigma).detach().cpu().numpy()
+    found = points.from_coefficients(coefficients)
     if objective.single:
-        rows, coefficients = rows[0], coefficients[0]
-    return InversionResult(row=rows, coefficients=coefficients, losses=losses, seconds=time.time() - started)
+        found, coefficients = found[0], coefficients[0]
+    return InversionResult(point=found, coefficients=coefficients, losses=losses, seconds=time.time() - started)
 
 
 def finetune_on_image(

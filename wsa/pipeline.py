@@ -115,6 +115,27 @@ class AnalyzeConfig:
                     raise ConfigError(f"{source}: analyzer_params must map analyzer names to tables of parameters")
             else:
                 _check_option(f.name, value, hints[f.name], f"{source}: {f.name}")
+        refuse_geometry(self.space, storage_for(self.space, self.repr), self.standardize, source)
+
+
+#: Why gauge-fixed factors are storage, not a geometry (measured on the shipped faces zoo, issue 13).
+CANONICAL_NOT_A_GEOMETRY = (
+    "gauge-fixed (canonical) factors are storage, not a geometry: fixing each LoRA's gauge (orthonormal down "
+    "factors, the largest entry positive) flips whole factors between near-equal adapters, so a PCA of them is "
+    "not linear in ΔW (on the faces zoo the best probe falls from AUC 1.000 to 0.643); use --space delta, the "
+    "PCA of ΔW, which reads this storage"
+)
+
+
+def refuse_geometry(space: str, storage: str, standardize: bool | None, where: str = "options") -> None:
+    """The storage/geometry pairs that mean nothing, refused with the reason before any work."""
+    if space == "explicit" and storage == "canonical":
+        raise ConfigError(f"{where}: --space explicit with --repr canonical: {CANONICAL_NOT_A_GEOMETRY}")
+    if space == "delta" and standardize and storage in ("raw", "canonical"):
+        raise ConfigError(
+            f"{where}: --standardize with --space delta: the ΔW space is fitted from factor Grams, in which ΔW's "
+            "entries are never formed to be z-scored; drop --standardize (or use --space explicit --repr delta)"
+        )
 
 
 #: ``[analyze]`` options with a fixed set of values.
@@ -391,19 +412,6 @@ def run_analysis(
     names = config.analyzers or [
         n for n in available_analyzers() if config.decode or not getattr(get_analyzer(n), "requires_decoder", False)
     ]
-    if gram:
-        explicit_only = [n for n in names if getattr(get_analyzer(n), "requires_components", True)]
-        if config.analyzers and explicit_only:
-            raise ConfigError(
-                f"analyzer(s) {explicit_only} need explicit components, which a ΔW space fitted from factor Grams "
-                "(--space delta) does not have; use --space explicit for them"
-            )
-        names = [n for n in names if n not in explicit_only]
-        early_warnings += [
-            f"{n}: skipped (needs explicit components; the ΔW space from factor Grams has none — "
-            "run with --space explicit for it)"
-            for n in explicit_only
-        ]
     needing = [n for n in names if getattr(get_analyzer(n), "requires_decoder", False)]
     if needing and not config.decode:
         raise ConfigError(f"analyzer(s) {needing} decode images; add --decode (and --base if it cannot be found)")
@@ -448,6 +456,7 @@ def run_analysis(
             modules=config.modules,
         )
         timings["ingest"] = time.perf_counter() - t0
+        refuse_geometry(config.space, store.repr, config.standardize, str(store.path))
         if len(store) < MIN_ADAPTERS:
             raise ConfigError(
                 f"{len(store)} adapter(s); an analysis compares adapters and needs at least {MIN_ADAPTERS}", store.path
@@ -460,8 +469,7 @@ def run_analysis(
             _refuse_nonfinite_rows(store)  # names the rows when the data are the cause
             raise
     space.save(own_folder(out, "space"))
-    if space.geometry == "explicit":
-        _record_decoding(out / "space", store, config)
+    _record_decoding(out / "space", store, config)  # either geometry: the applications open both
     timings["space"] = time.perf_counter() - t0
     label_path = config.labels
     labels = None

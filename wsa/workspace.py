@@ -7,7 +7,9 @@ above it) as a :class:`Workspace`, so they need nothing else on the command line
 
 Why keep the store's path: an edit of a collection member starts from the member's *exact* row (its
 part off the k-dimensional space included), so strength 0 gives back the original adapter; without
-the store (moved, deleted) the member is rebuilt from its k coefficients, and that is said.
+the store (moved, deleted) the member is rebuilt from its k coefficients, and that is said. A ΔW space
+(``--space delta``) needs the store: its points are combinations of the members' factors
+(:class:`wsa.points.MemberPoints`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from wsa.atomic import write_json
+from wsa.delta_space import load_space
 from wsa.errors import ConfigError, StoreError
-from wsa.space import Space
 from wsa.store.layout import Layout
 from wsa.text import first_line
 
@@ -61,7 +63,7 @@ class Workspace:
     """A saved space and everything needed to turn its points into adapters and images."""
 
     folder: Path
-    space: Space
+    space: Any  # a wsa.space.Space or a wsa.delta_space.DeltaSpace (the FittedSpace protocol)
     layout: Layout
     info: dict[str, Any]
     notes: list[str] = field(default_factory=list)
@@ -74,7 +76,7 @@ class Workspace:
         if not (folder / "space.json").is_file():
             raise StoreError("not a fitted space (no space.json here or in space/); run `wsa analyze` first", path)
         if not (folder / DECODING_JSON).is_file():
-            Space.load(folder)  # a ΔW space from factor Grams is refused here, with its own reason
+            load_space(folder)  # a broken space names its own problem first
             raise StoreError(
                 f"space has no {DECODING_JSON} (written by `wsa analyze` since wsa 0.2); re-run wsa analyze", folder
             )
@@ -90,8 +92,8 @@ class Workspace:
                     f"{DECODING_JSON} key {key!r} is {info.get(key)!r:.60}, expected {want}; re-run wsa analyze", folder
                 )
         layout = Layout.from_json(info.get("layout"), folder / DECODING_JSON)
-        space = Space.load(folder)
-        if layout.n_features != space.n_features:
+        space = load_space(folder)
+        if space.geometry == "explicit" and layout.n_features != space.n_features:
             raise StoreError(
                 f"{DECODING_JSON} layout has {layout.n_features} columns, the space {space.n_features}; "
                 "re-run wsa analyze",
@@ -139,30 +141,16 @@ class Workspace:
         return [str(i) for i in self.space.ids]
 
     # ---------------------------------------------------------------------------------------------
-    def member_row(self, model: str) -> tuple[np.ndarray, str]:
-        """The row of ``model``: a member id, or a path to an adapter file/folder; returns (row, how)."""
-        if model in self.ids:
-            store = self.store
-            if store is not None and model in store.ids:
-                return store.read_rows([store.index(model)])[0], "store row"
-            self.notes.append(f"{model}: store {self.info['store']} not found; rebuilt from its k coefficients")
-            z = np.asarray(self.space.coefficients[self.ids.index(model)], dtype=np.float32)
-            return self.space.inverse_transform(z), "rebuilt from coefficients"
-        path = Path(model)
-        if path.exists():
-            from wsa import load_adapter
-            from wsa.store.representations import encode
+    @cached_property
+    def points(self) -> Any:
+        """The space's points as weights (:func:`wsa.points.points_for`): one interface for either geometry."""
+        from wsa.points import points_for
 
-            try:
-                return encode(load_adapter(path), self.layout), "adapter file"
-            except Exception as exc:
-                raise ConfigError(f"{path}: cannot be placed in this space ({exc})") from None
-        close = [i for i in self.ids if model in i][:3]
-        hint = f"; similar ids: {close}" if close else ""
-        raise ConfigError(f"{model!r} is neither a member id of this space nor an adapter path{hint}")
+        return points_for(self.space, self.layout, self.store, self.notes)
 
-    def coefficients(self, rows: np.ndarray) -> np.ndarray:
-        return self.space.transform(np.atleast_2d(rows))
+    def member(self, model: str) -> tuple[np.ndarray, str]:
+        """The point (1, ·) of ``model`` — a member id, or a path to an adapter file/folder — and how it was found."""
+        return self.points.member(model)
 
     def decoder(
         self,

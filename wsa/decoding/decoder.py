@@ -15,7 +15,7 @@ collection was trained on is read from the zoo (``zoo.json``) or the adapters' `
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsa.decoding.batched_lora import BatchedLoRA
+from wsa.decoding.batched_lora import BatchedLoRA, Stack
 from wsa.decoding.schemes import scheme_for
 from wsa.decoding.stacks import stacks_from_adapters
 from wsa.devices import resolve_device
@@ -59,26 +59,31 @@ class Decoder:
 
     def images(
         self,
-        rows: np.ndarray,
+        points: np.ndarray | Mapping[str, Stack],
         assignment: Sequence[int],
         seeds: Sequence[int],
         prompts: Sequence[str] | None = None,
         inject_after: int = 0,
         assignment_before: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1]: image ``b`` from ``rows[assignment[b]]`` (``-1``: the base alone).
+        """Images (B, 3, H, W) in [0, 1]: image ``b`` from model ``assignment[b]`` (``-1``: the base alone).
 
+        ``points``: rows of the layout (one model each), or the models' per-layer stacks as a space's points
+        give them (:meth:`wsa.points.Points.stacks`: a ΔW-space point is stacked factors, never a row).
         ``inject_after`` / ``assignment_before``: w2w's delayed injection (see ``BaseModel.sample``).
         """
-        rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
-        if rows.shape[1] != self.layout.n_features:
-            raise ConfigError(f"rows have {rows.shape[1]} features; the layout has {self.layout.n_features}")
+        if isinstance(points, Mapping):
+            stacks = dict(points)
+        else:
+            rows = np.atleast_2d(np.asarray(points, dtype=np.float32))
+            if rows.shape[1] != self.layout.n_features:
+                raise ConfigError(f"rows have {rows.shape[1]} features; the layout has {self.layout.n_features}")
+            stacks = stacks_from_adapters([decode(row, self.layout) for row in rows])
         if len(assignment) != len(seeds):
             raise ConfigError(f"{len(assignment)} assignments but {len(seeds)} seeds")
         prompts = list(prompts) if prompts is not None else [self.prompt] * len(seeds)
-        adapters = [decode(row, self.layout) for row in rows]
         layers = self.model.adapter_layers() if hasattr(self.model, "adapter_layers") else self.model.unet
-        lora = BatchedLoRA(layers, stacks_from_adapters(adapters)).to(self.device)
+        lora = BatchedLoRA(layers, stacks).to(self.device)
         out = []
         for s in range(0, len(seeds), self.batch_size):
             part = slice(s, s + self.batch_size)
@@ -98,13 +103,19 @@ class Decoder:
             )
         return torch.cat(out) if out else torch.zeros(0, 3, 1, 1)
 
-    def grid(self, rows: np.ndarray, seeds: Sequence[int], prompts: Sequence[str] | None = None) -> torch.Tensor:
-        """Every row under every seed: images ordered row-major (row i, seed j) → i·len(seeds) + j."""
-        n, s = len(rows), len(seeds)
+    def grid(
+        self,
+        points: np.ndarray | Mapping[str, Stack],
+        n: int,
+        seeds: Sequence[int],
+        prompts: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Each of the ``n`` models under every seed, ordered model-major: (model i, seed j) → i·len(seeds) + j."""
+        s = len(seeds)
         assignment = np.repeat(np.arange(n), s).tolist()
         seed_list = [int(x) for x in np.tile(np.asarray(seeds), n)]
         prompt_list = None if prompts is None else [p for _ in range(n) for p in prompts]
-        return self.images(rows, assignment, seed_list, prompt_list)
+        return self.images(points, assignment, seed_list, prompt_list)
 
     def oracle(self) -> Any:
         """The family's attribute oracle (from the base's scheme), or ``None`` when its scheme has none."""

@@ -28,13 +28,15 @@ safetensors file, so a pair left mismatched by an interrupted save is refused on
 
 Modules: ``value`` (the :class:`Space` value and its files), ``sources`` (rows block by block, moments,
 standardization), ``solvers`` (the shared linear algebra and sign rule), ``fit`` (:func:`fit_space`),
-``heldout`` (principal angles, the held-out test).
+``heldout`` (principal angles, the held-out test), ``protocol`` (:class:`FittedSpace`: the questions every
+space answers, the ΔW space of :mod:`wsa.delta_space` included, so analyzers have one code path).
 """
 
 from __future__ import annotations
 
 from wsa.space.fit import fit_space
 from wsa.space.heldout import heldout_reconstruction, heldout_split, principal_angles
+from wsa.space.protocol import FittedSpace, WeightDirections
 from wsa.space.value import EXACT_MAX_DIM, SOLVERS, SPACE_JSON, SPACE_TENSORS, SPACE_VERSION, Space, components_for
 
 __all__ = [
@@ -43,7 +45,9 @@ __all__ = [
     "SPACE_JSON",
     "SPACE_TENSORS",
     "SPACE_VERSION",
+    "FittedSpace",
     "Space",
+    "WeightDirections",
     "components_for",
     "fit_space",
     "heldout_reconstruction",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +18,15 @@ from safetensors.numpy import save as safetensors_save
 
 from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, StoreError
+from wsa.space.protocol import (
+    WeightDirections,
+    feature_spectrum,
+    member_positions,
+    member_rows,
+    module_columns,
+    pair_chunks,
+    read_rows,
+)
 
 SPACE_VERSION = 1
 SPACE_JSON = "space.json"
@@ -53,7 +62,9 @@ def components_for(ratio: npt.NDArray[np.float64], fraction: float) -> int | Non
 class Space:
     """A fitted PCA of adapter rows: the coordinates w2w edits, samples and inverts in.
 
-    Immutable (arrays are read-only) so an analyzer cannot change the space another one reads.
+    Immutable (arrays are read-only) so an analyzer cannot change the space another one reads. It answers the
+    questions of :class:`wsa.space.FittedSpace` (as :class:`wsa.delta_space.DeltaSpace` does in the ΔW
+    geometry) from its components and the store's rows.
 
     Attributes
     ----------
@@ -130,13 +141,178 @@ class Space:
         One of the questions both spaces answer (:meth:`wsa.delta_space.DeltaSpace.member_sq_norms`), so an analyzer
         asks it without knowing which space it has: here by one streaming pass over the member rows.
         """
-        index = {rid: i for i, rid in enumerate(store.ids)}
-        rows = [index[rid] for rid in self.ids]
+        rows = member_rows(store, self.ids)
         total = np.empty(len(rows), dtype=np.float64)
         for start, block in store.iter_blocks(block_rows, rows=rows):
-            z = (block - self.mean) / self.scale
+            z = self._scaled(block)
             total[start : start + len(block)] = np.einsum("ij,ij->i", z, z, dtype=np.float64)
         return total
+
+    def mean_sq_norm(self) -> float:
+        """``‖mean / scale‖²``: the members' size before centring, in the space's (scaled) units.
+
+        The twin of :meth:`wsa.delta_space.DeltaSpace.mean_sq_norm`: identical adapters leave a total variance of
+        float rounding of this (not exactly 0), so the "no variance" test compares against it in either geometry.
+        0 for a space fitted with ``center=False`` (its mean is zeros).
+        """
+        return float(np.sum((self.mean.astype(np.float64) / self.scale) ** 2))
+
+    def _scaled(self, block: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``x̃ = (x − mean) / scale`` of stored rows, float32: the members as this space decomposes them."""
+        return (block - self.mean) / self.scale
+
+    def _residual(self, z: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``x̃ − (x̃ Vᵀ) V``: the part of scaled rows the components do not hold, computed directly.
+
+        Why directly and not as ``‖x̃‖² − ‖c‖²``: with the components at hand the projection costs one more
+        product, while the difference of two near-equal norms loses ~1e-6 of ‖x̃‖² to cancellation — a
+        residual of 1e-3·‖x̃‖ where the space holds everything.
+        """
+        return z - (z @ self.components.T) @ self.components
+
+    def member_inner(self, store: Any, a: Sequence[int], b: Sequence[int]) -> npt.NDArray[np.float64]:
+        """``⟨x̃_a, x̃_b⟩`` (centred and scaled) for each pair of member positions ``a[p]``, ``b[p]``, float64.
+
+        A question both spaces answer (:meth:`wsa.delta_space.DeltaSpace.member_inner` from the factors): here
+        from the pairs' stored rows, read once per distinct member of each chunk of pairs (bounded memory).
+        """
+        rows = member_rows(store, self.ids)
+        out = np.empty(len(a), dtype=np.float64)
+        for where, members, ia, ib in pair_chunks(a, b, self.n_samples, self.n_features):
+            z = self._scaled(read_rows(store, rows[members]))
+            out[where] = np.einsum("ij,ij->i", z[ia], z[ib], dtype=np.float64)
+        return out
+
+    def member_residual_inner(self, store: Any, a: Sequence[int], b: Sequence[int]) -> npt.NDArray[np.float64]:
+        """``⟨r_a, r_b⟩`` of the pairs' residuals off the space (all components), float64.
+
+        The residuals are projected out of the stored rows directly (:meth:`_residual`), so they are accurate
+        where the space holds nearly everything; a ΔW space, with no components, answers
+        ``member_inner − c_a·c_b`` instead.
+        """
+        rows = member_rows(store, self.ids)
+        out = np.empty(len(a), dtype=np.float64)
+        for where, members, ia, ib in pair_chunks(a, b, self.n_samples, self.n_features):
+            e = self._residual(self._scaled(read_rows(store, rows[members])))
+            out[where] = np.einsum("ij,ij->i", e[ia], e[ib], dtype=np.float64)
+        return out
+
+    def member_residual_sq(self, store: Any, block_rows: int = 2048) -> npt.NDArray[np.float64]:
+        """``‖r_i‖²`` of every member: what the space misses of it, in its (scaled) units, float64.
+
+        Mathematically ``‖x̃_i‖² − ‖c_i‖²`` (the components are orthonormal); computed by one streaming pass
+        that projects each block of rows (:meth:`_residual`), which is exact where that difference would cancel.
+        """
+        rows = member_rows(store, self.ids)
+        out = np.empty(len(rows), dtype=np.float64)
+        for start, block in store.iter_blocks(block_rows, rows=rows):
+            e = self._residual(self._scaled(np.asarray(block, dtype=np.float32)))
+            out[start : start + len(block)] = np.einsum("ij,ij->i", e, e, dtype=np.float64)
+        return out
+
+    def heldout(
+        self,
+        store: Any,
+        ks: Sequence[int],
+        *,
+        test_fraction: float = 0.2,
+        random_state: int | None = 0,
+        progress: bool = True,
+    ) -> dict[str, list]:
+        """The held-out reconstruction test (:func:`wsa.space.heldout_reconstruction`) fitted as this space was.
+
+        Centring and standardization come from :attr:`config`, so the test measures the geometry this space
+        has; :meth:`wsa.delta_space.DeltaSpace.heldout` runs the same split in dual form.
+        """
+        from wsa.space.heldout import heldout_reconstruction  # heldout imports this module
+
+        return heldout_reconstruction(
+            store,
+            list(ks),
+            test_fraction=test_fraction,
+            random_state=random_state,
+            center=bool(self.config.get("center", True)),
+            standardize=bool(self.config.get("standardize", False)),
+            progress=progress,
+        )
+
+    def module_grams(
+        self, store: Any, modules: Sequence[Any], members: Sequence[int] | None = None, block_rows: int = 512
+    ) -> Iterator[npt.NDArray[np.float64]]:
+        """Per module, in order: the (s, s) float64 uncentred Gram ``x xᵀ`` of its stored columns of ``members``.
+
+        In the stored units — neither centred by the space's mean nor divided by its scale — as
+        :meth:`module_stats`: per-module questions ask where the collection's own variation sits, and on a
+        standardized space every column would weigh the same. Float64 products, so a caller can centre the
+        Gram without cancellation. Columns are read in groups of whole modules (:func:`module_columns`).
+        """
+        pos = member_positions(members, self.n_samples)
+        rows = member_rows(store, self.ids)[pos]
+        for _, x in module_columns(store, modules, rows, block_rows):
+            x64 = x.astype(np.float64)
+            yield x64 @ x64.T
+
+    def module_spectra(
+        self,
+        store: Any,
+        modules: Sequence[Any],
+        members: Sequence[int] | None = None,
+        k: int = 16,
+        block_rows: int = 512,
+    ) -> Iterator[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]]:
+        """Per module, in order: the centred spectrum of ``members``' stored columns and their top-``k`` PC scores.
+
+        The PCA of :meth:`module_grams` (same stored units), taken from the smaller side of each module's
+        centred members × columns block (:func:`~wsa.space.protocol.feature_spectrum`): a module narrower than
+        the number of members costs its width cubed, not the members' count cubed.
+        """
+        pos = member_positions(members, self.n_samples)
+        rows = member_rows(store, self.ids)[pos]
+        for _, x in module_columns(store, modules, rows, block_rows):
+            yield feature_spectrum(x, k)
+
+    def module_stats(
+        self, store: Any, modules: Sequence[Any], members: Sequence[int] | None = None, block_rows: int = 512
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        """Per module: the variance of ``members`` (sum of its column variances) and their squared norms.
+
+        In the stored units, as :meth:`module_grams`; one streaming pass. Returns ``(variance (n_modules,),
+        sq_norms (n, n_modules))`` with ``sq_norms[i, j] = ‖x_i[module j]‖²`` (uncentred).
+        """
+        pos = member_positions(members, self.n_samples)
+        rows = member_rows(store, self.ids)[pos]
+        n = len(rows)
+        col_sum = np.zeros(self.n_features)
+        col_sq = np.zeros(self.n_features)
+        sq_norms = np.zeros((n, len(modules)))
+        shift: npt.NDArray[np.float32] | None = None
+        for start, block in store.iter_blocks(block_rows, rows=rows):
+            if shift is None:
+                # Shift by the first block's mean: sums of squares of near-centred data do not cancel.
+                shift = block.mean(axis=0, dtype=np.float64).astype(np.float32)
+            c = block - shift
+            col_sum += c.sum(axis=0, dtype=np.float64)
+            col_sq += np.einsum("ij,ij->j", c, c, dtype=np.float64)
+            for j, m in enumerate(modules):
+                part = block[:, m.columns]
+                sq_norms[start : start + len(block), j] = np.einsum("ij,ij->i", part, part, dtype=np.float64)
+        col_var = (col_sq - col_sum**2 / max(n, 1)) / max(n - 1, 1)
+        variance = np.array([col_var[m.columns].sum() for m in modules])
+        return np.clip(variance, 0, None), sq_norms
+
+    def directions_in_weights(self, directions: npt.ArrayLike) -> WeightDirections:
+        """PC-space directions (m, k'), k' ≤ n_components, as vectors over the store's columns.
+
+        ``standardized = directions @ components[:k']`` (the space's units), ``raw = standardized × scale``
+        (the change of the stored weights per unit step) — what ``directions.*`` store for ``wsa edit``.
+        """
+        d = np.atleast_2d(np.asarray(directions, dtype=np.float32))
+        if d.ndim != 2 or d.shape[1] > self.n_components:
+            raise ConfigError(f"directions must be (m, k) with k <= {self.n_components}; got {d.shape}")
+        standardized = d @ self.components[: d.shape[1]]
+        raw = standardized * self.scale
+        norms = np.linalg.norm(raw.astype(np.float64), axis=1)
+        return WeightDirections("features", standardized, raw, norms)
 
     def transform(self, X: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """PC coordinates of rows: ``((X - mean) / scale) @ components.T``.
