@@ -81,8 +81,8 @@ def test_refactor_is_the_truncated_svd_and_reports_energy(fitted) -> None:
 
 
 def test_the_basis_is_differentiable_and_places_outside_adapters(fitted) -> None:
-    """Gradients reach the weights (inversion's path), and an outside adapter's inner products with the
-    members (from factors, any rank) match the dense ΔW inner products."""
+    """Gradients reach the weights (inversion's path), and an outside adapter of another rank is placed at
+    the coefficients its dense ΔW inner products with the members give (``transform_adapters``, from factors)."""
     _, _, members, basis = fitted
     w = torch.full((2, N), 1.0 / N, dtype=torch.float64, requires_grad=True)
     loss = 0.0
@@ -91,6 +91,9 @@ def test_the_basis_is_differentiable_and_places_outside_adapters(fitted) -> None
     loss.backward()
     assert w.grad is not None and torch.isfinite(w.grad).all() and float(w.grad.abs().max()) > 0
     outside = stacked(basis, np.linspace(-1, 1, N))  # rank min(in, Σ r) ≠ the members' rank 2
-    got = basis.member_inner(outside)
-    want = [sum(float((dense(outside, n) * dense(m, n)).sum()) for n in m.modules) for m in members]
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * max(abs(v) for v in want))
+    store, space = fitted[0], fitted[1]
+    g = np.array([sum(float((dense(outside, n) * dense(m, n)).sum()) for n in m.modules) for m in members])
+    m = space.gram_row_means
+    want = (g - g.mean()) @ space.dual_weights - (m - m.mean()) @ space.dual_weights
+    got = space.transform_adapters([outside], store, block_rows=5)[0]  # blocks smaller than N
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))

@@ -115,6 +115,25 @@ class Adapter:
         assert weights.dora_axis is not None
         return deltas.dora_delta(direction, weights.tensors["magnitude"], base_weight, weights.dora_axis)
 
+    def factors(self, module: str) -> tuple[Tensor, Tensor]:
+        """Exact factors ``(B·s (out, r), A (r, in))`` of ``module``'s ΔW (2-D weight shape), float64.
+
+        A plain LoRA gives its own factors (scale folded into B); any other kind (LoHa, LoKr, full, conv,
+        Tucker) the SVD of its dense ΔW, keeping singular values above 1e-7 of the largest — so inner
+        products of ΔW between adapters of any kind and rank come from factors (``Σ (B_xᵀB_y) ⊙ (A_xA_yᵀ)``).
+        DoRA modules raise as in :meth:`delta` (their ΔW depends on the base weight).
+        """
+        weights = self.modules.get(module)
+        if weights is None:
+            raise FormatError(f"no module {module!r} in this adapter", self.path)
+        plain = weights.kind == "lora" and not weights.is_dora and "mid" not in weights.tensors
+        if plain and weights.tensors["down"].dim() == 2:
+            return weights.tensors["up"].double() * weights.scale, weights.tensors["down"].double()
+        delta = self.delta(module).double()
+        u, s, vt = torch.linalg.svd(delta.reshape(delta.shape[0], -1), full_matrices=False)
+        keep = s > s.max() * 1e-7 if s.numel() and float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
+        return u[:, keep] * s[keep], vt[keep]
+
     def bias_delta(self, module: str) -> Tensor | None:
         """The bias change of ``module`` as float32, or ``None``.
 

@@ -138,22 +138,6 @@ class DeltaBasis:
         q_a, r_a = torch.linalg.qr(torch.cat(downs).T)  # (in, q), (q, R)
         return _ModuleBasis(q_b, r_b, r_a, q_a, torch.cat(source))
 
-    def member_inner(self, adapter: Adapter) -> np.ndarray:
-        """⟨ΔW_x, ΔW_i⟩ of an adapter with each member (N,), from factors: ``Σ_p Σ_{q∈i} (B_xᵀB_i)_pq (A_xA_iᵀ)_pq``."""
-        total = torch.zeros(self.n_sources, dtype=torch.float64)
-        with torch.no_grad():
-            for name, mb in self.modules.items():
-                ml = self.layout.module(name)
-                b, a = _factors(adapter, name, ml.shape)
-                g_b = (b.T @ mb.q_b) @ mb.r_b  # (rx, R): B_xᵀ · [s_i B_i]
-                g_a = (a @ mb.q_a) @ mb.r_a  # (rx, R): A_x · [A_i]ᵀ
-                total.index_add_(0, mb.source, (g_b * g_a).sum(dim=0))
-            for name, stacked in self.dense.items():
-                if name in adapter.modules:
-                    x = adapter.delta(name).double().reshape(stacked.shape[1:])
-                    total += (stacked * x).flatten(1).sum(dim=1)
-        return total[: self.n_members].numpy()
-
     # ---------------------------------------------------------------------------------------------
     def _weights(self, weights: Tensor | np.ndarray) -> Tensor:
         w = torch.as_tensor(weights, dtype=torch.float64)
@@ -206,18 +190,10 @@ class DeltaBasis:
 
 
 def _factors(adapter: Adapter, name: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """(B·s (out, r), A (r, in)) of ``adapter``'s module ``name`` in float64: its own LoRA factors, the exact
-    SVD factors of its ΔW when it is another kind, or rank 0 when the adapter lacks the module."""
-    out_f, in_f = shape
-    mw = adapter.modules.get(name)
-    if mw is None:
-        return torch.zeros(out_f, 0, dtype=torch.float64), torch.zeros(0, in_f, dtype=torch.float64)
-    if mw.kind == "lora" and not mw.is_dora and "mid" not in mw.tensors and mw.tensors["down"].dim() == 2:
-        return mw.tensors["up"].double() * mw.scale, mw.tensors["down"].double()
-    delta = adapter.delta(name).double().reshape(out_f, in_f)
-    u, s, vt = torch.linalg.svd(delta, full_matrices=False)
-    keep = s > s.max() * 1e-7 if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
-    return u[:, keep] * s[keep], vt[keep]
+    """``adapter.factors(name)``, or rank-0 factors where the adapter lacks the module (its ΔW is 0 there)."""
+    if name not in adapter.modules:
+        return torch.zeros(shape[0], 0, dtype=torch.float64), torch.zeros(0, shape[1], dtype=torch.float64)
+    return adapter.factors(name)
 
 
 def refactor(adapter: Adapter, rank: int) -> tuple[Adapter, dict[str, float]]:

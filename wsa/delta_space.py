@@ -55,7 +55,7 @@ class DeltaSpace:
     dual_weights : (N, k) float64 — component j = Σ_i dual_weights[i, j] · (ΔW_i − mean ΔW).
     row_sq_norms : (N,) float64 — ‖ΔW_i − mean ΔW‖², the diagonal of the centred Gram.
     gram_row_means : (N,) float64 — ⟨ΔW_i, mean ΔW⟩, so any pair's centred inner product is
-        ``⟨ΔW_i, ΔW_j⟩ − m_i − m_j + mean(m)`` (:meth:`centred_inner`).
+        ``⟨ΔW_i, ΔW_j⟩ − m_i − m_j + mean(m)`` (:meth:`member_inner`).
     ids : member ids.
     config : how it was fitted (seconds for the Gram and for the eigendecomposition).
     """
@@ -97,10 +97,36 @@ class DeltaSpace:
         """``‖ΔW_i − mean ΔW‖²`` of each member: the centred Gram's diagonal (``Space.member_sq_norms``'s twin)."""
         return np.asarray(self.row_sq_norms, dtype=np.float64)
 
-    def centred_inner(self, i: int, j: int, inner_ij: float) -> float:
-        """⟨ΔW_i − mean, ΔW_j − mean⟩ of members ``i``, ``j`` from their uncentred inner product."""
-        m = self.gram_row_means
-        return float(inner_ij - m[i] - m[j] + m.mean())
+    def transform_adapters(self, adapters: Sequence[Any], store: Any, block_rows: int = 2048) -> np.ndarray:
+        """PC coefficients (n, k) of adapters of any rank or kind, from their inner products with the members.
+
+        ``z_j = ⟨ΔW_x − mean, v_j⟩ = Σ_i dual_ij (g_i − ḡ) − ⟨mean, v_j⟩`` with ``g_i = ⟨ΔW_x, ΔW_i⟩``, taken from
+        factors (:meth:`wsa.adapter.Adapter.factors`: ``Σ (B_xᵀB_i) ⊙ (A_xA_iᵀ)``) while the members' rows
+        stream by in blocks; the adapter's modules must be modules of the space, with the same shapes.
+        """
+        layout = store.layout
+        shapes = {m.name: tuple(m.shape) for m in layout.modules}
+        factors: list[dict[str, tuple[np.ndarray, np.ndarray]]] = []
+        for adapter in adapters:
+            unknown = sorted(set(adapter.modules) - set(shapes))
+            wrong = [n for n, m in adapter.modules.items() if n in shapes and tuple(m.shape) != shapes[n]]
+            if unknown or wrong or not adapter.modules:
+                what = (
+                    f"module {unknown[0]!r} is not one of the space's modules"
+                    if unknown
+                    else f"module {wrong[0]!r} has shape {tuple(adapter.modules[wrong[0]].shape)}, the space's "
+                    f"{shapes[wrong[0]]}"
+                    if wrong
+                    else "it has no modules"
+                )
+                raise ConfigError(f"{adapter.path}: cannot be placed in this space ({what})")
+            factors.append({n: tuple(t.numpy() for t in adapter.factors(n)) for n in adapter.modules})
+        g = np.zeros((len(adapters), self.n_samples))
+        for start, block in store.iter_blocks(block_rows, rows=member_rows(store, self.ids)):
+            g[:, start : start + len(block)] = _adapter_inner(factors, block, layout)
+        m = np.asarray(self.gram_row_means, dtype=np.float64)
+        dual = np.asarray(self.dual_weights, dtype=np.float64)
+        return ((g - g.mean(axis=1, keepdims=True)) @ dual - (m - m.mean()) @ dual).astype(np.float32)
 
     def mean_sq_norm(self) -> float:
         """``‖mean ΔW‖²``, the mean of :attr:`gram_row_means` (``⟨ΔW_i, mean ΔW⟩`` averaged over i).
@@ -113,7 +139,7 @@ class DeltaSpace:
     def member_inner(self, store: Any, a: Sequence[int], b: Sequence[int]) -> np.ndarray:
         """``⟨ΔW_a − mean, ΔW_b − mean⟩`` for each pair of member positions ``a[p]``, ``b[p]``, float64.
 
-        The vectorised :meth:`centred_inner`: each pair's uncentred inner product from its factors (the r × r
+        Each pair's uncentred inner product from its factors (the r × r
         factor Grams of :mod:`wsa.gram`, pair by pair — never ΔW), centred with :attr:`gram_row_means`.
         The rows are read once per distinct member of each chunk of pairs (bounded memory).
         """
@@ -337,6 +363,35 @@ class DeltaSpace:
             ids=tuple(ids),
             config=dict(config),
         )
+
+
+def _adapter_inner(
+    factors: list[dict[str, tuple[np.ndarray, np.ndarray]]], block: np.ndarray, layout: Layout
+) -> np.ndarray:
+    """``⟨ΔW_x, ΔW_i⟩`` (n_adapters, n_rows) of adapters given by their factors with a block of member rows."""
+    from wsa.store.representations import decode
+
+    out = np.zeros((len(factors), block.shape[0]))
+    for ml in layout.modules:
+        users = [(x, f[ml.name]) for x, f in enumerate(factors) if ml.name in f]
+        if not users:
+            continue
+        parts = {p.name: p for p in ml.parts}
+        if ml.kind == "lora" and set(parts) == {"down", "up"} and len(ml.shape) == 2:
+            n, r = block.shape[0], ml.rank
+            d = block[:, parts["down"].offset : parts["down"].offset + parts["down"].size].astype(np.float64)
+            u = block[:, parts["up"].offset : parts["up"].offset + parts["up"].size].astype(np.float64)
+            d, u = d.reshape(n, r, -1), u.reshape(n, -1, r) * ml.scale
+            for x, (b, a) in users:
+                gb = np.einsum("op,nor->npr", b, u)  # B_xᵀ · s_i B_i
+                ga = np.einsum("pi,nri->npr", a, d)  # A_x · A_iᵀ
+                out[x] += (gb * ga).sum(axis=(1, 2))
+            continue
+        one = Layout(layout.repr, (_at_column_zero(ml),))
+        dense = np.stack([decode(row[ml.columns], one).delta(ml.name).double().numpy() for row in block])
+        for x, (b, a) in users:
+            out[x] += np.einsum("nij,ij->n", dense.reshape(len(block), ml.shape[0], -1), b @ a)
+    return out
 
 
 def _paired_inner(xa: np.ndarray, xb: np.ndarray, plan: Any) -> np.ndarray:

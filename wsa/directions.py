@@ -3,8 +3,11 @@
 A :class:`Directions` holds, per direction (an attribute, or one class of a categorical attribute), the
 vectors of :data:`PARTS`: unit vectors in PC space (``pc``, ``debiased_pc``, ``probe_pc``; length ``k``)
 and the same edits in weight space (``weight``, ``debiased_weight``: standardized; ``raw_weight``,
-``debiased_raw_weight``: raw change per unit step; length ``n_features``), with ``meta`` (kinds, score
-spreads, label mappings, ``k``, ``n_features``). On disk: ``directions.safetensors`` then
+``debiased_raw_weight``: raw change per unit step), with ``meta`` (kinds, score spreads, label mappings,
+``k``, ``n_features``, ``weight_basis``). The weight vectors are in the basis the space's geometry has
+(:class:`wsa.space.WeightDirections`): ``"features"`` — one value per store column (explicit space), or
+``"members"`` — one weight per member, the direction being ``Σ_i w_i ΔW_i`` (ΔW space, which has no
+component matrix); ``n_features`` is then the number of members. On disk: ``directions.safetensors`` then
 ``directions.json``, each atomically; the JSON is written last and carries the tensors' sha256.
 
 Why its own module: the probes wrote the format and the workspace re-read it with its own, weaker checks

@@ -49,12 +49,22 @@ class Points(Protocol):
     def torch_stacks(self, z: Tensor) -> dict[str, Stack]: ...
 
 
-def _load_outside(path: Path, layout: Layout) -> np.ndarray:
-    """An adapter file or folder outside the collection as a row of ``layout`` (one error line if it does not fit)."""
+def _load(path: Path) -> Adapter:
+    """An adapter file or folder outside the collection (one error line if it cannot be read)."""
     from wsa import load_adapter
 
     try:
-        return encode(load_adapter(path), layout)
+        return load_adapter(path)
+    except Exception as exc:
+        raise ConfigError(f"{path}: cannot be placed in this space ({exc})") from None
+
+
+def _load_outside(path: Path, layout: Layout) -> np.ndarray:
+    """An adapter file or folder outside the collection as a row of ``layout`` (one error line if it does not fit)."""
+    try:
+        return encode(_load(path), layout)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(f"{path}: cannot be placed in this space ({exc})") from None
 
@@ -207,37 +217,13 @@ class MemberPoints:
         if path.exists():
             key = str(path.resolve())
             if key not in self._outside_names:
-                adapter = self._load(path)
-                g = self.basis.member_inner(adapter)  # ⟨ΔW_x, ΔW_i⟩, before x becomes a source
-                self._lin_outside.append((g - g.mean()) @ self._dual)
+                adapter = _load(path)
+                z = self.space.transform_adapters([adapter], self.store)[0]  # checks modules and shapes
+                self._lin_outside.append(np.asarray(z, dtype=np.float64) + self._lin_mean)
                 self._outside.append(adapter)
                 self._outside_names[key] = self.n_sources - 1
             return self._one_hot(self._outside_names[key]), "adapter file"
         raise _not_found(model, self.ids)
-
-    def _load(self, path: Path) -> Adapter:
-        from wsa import load_adapter
-
-        try:
-            adapter = load_adapter(path)
-        except Exception as exc:
-            raise ConfigError(f"{path}: cannot be placed in this space ({exc})") from None
-        shapes = {m.name: tuple(m.shape) for m in self.layout.modules}
-        unknown = sorted(set(adapter.modules) - set(shapes))
-        wrong = [n for n, m in adapter.modules.items() if n in shapes and tuple(m.shape) != shapes[n]]
-        if unknown:
-            raise ConfigError(
-                f"{path}: cannot be placed in this space (module {unknown[0]!r} is not one of its modules)"
-            )
-        if wrong:
-            got = tuple(adapter.modules[wrong[0]].shape)
-            raise ConfigError(
-                f"{path}: cannot be placed in this space (module {wrong[0]!r} has shape {got}, the space's "
-                f"{shapes[wrong[0]]})"
-            )
-        if not adapter.modules:
-            raise ConfigError(f"{path}: cannot be placed in this space (it has no modules)")
-        return adapter
 
     def stack(self, points: Sequence[np.ndarray]) -> np.ndarray:
         """Points as one array, all weighing the current sources (an outside adapter added later weighs 0)."""

@@ -148,6 +148,10 @@ class FittedSpace(Protocol):
         """(len(a),) float64 ``⟨r_a, r_b⟩`` of the pairs' residuals off the space (all components)."""
         ...
 
+    def transform_adapters(self, adapters: Sequence[Any], store: Any, block_rows: int = 2048) -> np.ndarray:
+        """PC coefficients (n, k) of adapters (any rank in a ΔW space) placed in the space: a new model's point."""
+        ...
+
     def member_residual_sq(self, store: Any, block_rows: int = 2048) -> np.ndarray:
         """(n_samples,) float64 ``‖r_i‖² = ‖x̃_i‖² − ‖c_i‖²`` (clipped at 0) of every member."""
         ...

@@ -341,6 +341,22 @@ class Space:
             out[start : start + step] = ((block - self.mean) / self.scale) @ self.components.T
         return out[0] if single else out
 
+    def transform_adapters(self, adapters: Sequence[Any], store: Any, block_rows: int = 2048) -> np.ndarray:
+        """PC coefficients (n, k) of adapters: each encoded as a row of the store's layout, then :meth:`transform`.
+
+        An adapter whose modules, shapes or ranks do not fit the layout is one ConfigError naming it (raw rows
+        have one rank per module; a ΔW space takes any rank).
+        """
+        from wsa.store.representations import encode
+
+        rows = np.empty((len(adapters), store.layout.n_features), dtype=np.float32)
+        for i, adapter in enumerate(adapters):
+            try:
+                encode(adapter, store.layout, out=rows[i])
+            except Exception as exc:
+                raise ConfigError(f"{adapter.path}: cannot be placed in this space ({exc})") from None
+        return self.transform(rows)
+
     def inverse_transform(self, Z: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """Rows from PC coordinates: ``mean + scale * (Z @ components[:m])`` with ``m = Z.shape[-1]``.
 
