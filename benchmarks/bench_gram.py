@@ -5,7 +5,8 @@
 Both fits read the same raw store of rank-1 q/v LoRAs (SD 1.5 shape). The ΔW route never forms ΔW
 (28 M numbers per adapter at SD 1.5 size, 280× the factors); its cost is the N × N Gram matrix (N² pairs
 × Σ(out+in) per pair — the same arithmetic as the raw Gram for rank 1) plus one N × N eigendecomposition.
-Writes the section "ΔW-space PCA (factor Grams)" of docs/benchmarks.md.
+Writes the section "ΔW-space PCA (factor Grams)" of docs/benchmarks.md. ``--solver`` forces the ΔW
+eigensolver (default: by memory, as ``wsa analyze``); at 65 k see ``bench_gram_65k.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main() -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--doc", default="docs/benchmarks.md")
+    p.add_argument(
+        "--solver", default="auto", choices=["auto", "exact", "randomized"], help="ΔW eigensolver (fit_delta_gram)"
+    )
     args = p.parse_args()
 
     import numpy as np
@@ -50,7 +54,7 @@ def main() -> None:
     t_raw = time.perf_counter() - t0
     peak_raw = _peak_gb()
     t0 = time.perf_counter()
-    delta = fit_delta_gram(store, args.k, progress=False)
+    delta = fit_delta_gram(store, args.k, progress=False, solver=args.solver)
     t_delta = time.perf_counter() - t0
     peak_delta = _peak_gb()
     n, d = len(store), store.n_features
@@ -61,13 +65,15 @@ def main() -> None:
         f"{delta_features / d:.0f}×, {n * delta_features * 4 / 1e12:.2f} TB for the collection if materialised). "
         f"k = {args.k}. {mach['cpu']}, {mach['nproc']} CPUs; wsa {code_version()}.",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_gram.py --store STORE --k {args.k}`",
+        f"Command: `.venv/bin/python benchmarks/bench_gram.py --store STORE --k {args.k}"
+        + (f" --solver {args.solver}" if args.solver != "auto" else "")
+        + "`",
         "",
         "| PCA of | route | time (s) | peak RSS so far (GiB) | top-k variance share |",
         "|---|---|---|---|---|",
         f"| raw factors | exact (Gram of rows, eigh) | {t_raw:.1f} | {peak_raw:.2f} | "
         f"{raw.explained_variance.sum() / raw.total_variance:.4f} |",
-        f"| ΔW | factor Grams, eigh (Gram {delta.config['gram_seconds']:.1f} s + eigh "
+        f"| ΔW | factor Grams, {delta.config['solver']} (Gram {delta.config['gram_seconds']:.1f} s + eigen "
         f"{delta.config['eig_seconds']:.1f} s) | {t_delta:.1f} | {peak_delta:.2f} | "
         f"{delta.explained_variance.sum() / delta.total_variance:.4f} |",
         "",
