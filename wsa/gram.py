@@ -390,7 +390,8 @@ class _DiskGram:
         if not same:
             write_bytes(meta_path, json.dumps(key, indent=1, sort_keys=True).encode())
         self._fd = os.open(self.tiles_path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.ftruncate(self._fd, self.nbytes)  # sparse until written
+        if os.fstat(self._fd).st_size != self.nbytes:
+            os.ftruncate(self._fd, self.nbytes)  # sparse until written
 
     def rows(self, a: int) -> slice:
         return slice(a * self.tile, min(self.n, (a + 1) * self.tile))
