@@ -313,3 +313,23 @@ def test_a_broken_delta_space_is_one_line(reports, tmp_path) -> None:
     (copy / "space.json").write_text('{"kind": "delta-gram", "ids": 3}')
     code, out = run("sample", str(copy), "--out", str(tmp_path / "o"), "-q")
     assert code != 0 and "Traceback" not in out and len(out.strip().splitlines()) == 1
+
+
+def test_an_outside_adapter_that_does_not_fit_is_one_line(reports, tmp_path) -> None:
+    """A file handed to a ΔW-space command is input: a foreign module, a wrong shape or garbage is one line."""
+    member = wsa.load_adapter(reports["zoo"] / "id_00001")
+    name, m = next(iter(member.modules.items()))
+    foreign = Adapter("f", "test", {"text_model.encoder.layers.0.self_attn.q_proj": m})
+    wide = ModuleWeights("lora", {"down": torch.zeros(1, m.shape[1] + 1), "up": torch.zeros(m.shape[0], 1)},
+                         (m.shape[0], m.shape[1] + 1), 1, 1.0, 1.0)  # fmt: skip
+    bad_shape = Adapter("w", "test", {name: wide})
+    cases = {
+        "foreign": wsa.export.write_adapter(foreign, tmp_path / "foreign", "peft"),
+        "shape": wsa.export.write_adapter(bad_shape, tmp_path / "shape", "peft"),
+    }
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    cases["junk"] = tmp_path / "junk.safetensors"
+    for label, path in cases.items():
+        code, out = run("decode", str(reports["delta"]), "--models", str(path), "--out", str(tmp_path / label), "-q")
+        assert code != 0 and "Traceback" not in out and len(out.strip().splitlines()) == 1, (label, out)
+        assert str(path) in out, (label, out)

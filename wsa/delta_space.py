@@ -8,7 +8,6 @@ fitted by :func:`wsa.gram.fit_delta_gram` and turned back into weights by :mod:`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -16,13 +15,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as safetensors_load
-from safetensors.numpy import save as safetensors_save
 
-from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, StoreError
 from wsa.space import SPACE_JSON, WeightDirections, components_for
+from wsa.space.files import read_space_tensors, write_space_files
 from wsa.space.protocol import (
     gram_spectrum,
     member_positions,
@@ -277,28 +273,20 @@ class DeltaSpace:
 
     def save(self, folder: str | Path) -> None:
         """``space.json`` (``"kind": DELTA_KIND``) + ``delta_space.safetensors``, written atomically."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {
-            "coefficients": self.coefficients,
-            "explained_variance": self.explained_variance,
-            "dual_weights": self.dual_weights,
-            "row_sq_norms": self.row_sq_norms,
-            "gram_row_means": self.gram_row_means,
-        }
-        blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
-        write_bytes(folder / DELTA_SPACE_TENSORS, blob)
-        meta = {
-            "kind": DELTA_KIND,
-            "tensors": DELTA_SPACE_TENSORS,
-            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
-            "n_components": self.n_components,
-            "n_samples": self.n_samples,
-            "total_variance": self.total_variance,
-            "ids": list(self.ids),
-            "config": self.config,
-        }
-        write_bytes(folder / SPACE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode())
+        write_space_files(
+            folder,
+            DELTA_SPACE_TENSORS,
+            {name: getattr(self, name) for name in _TENSORS},
+            {
+                "kind": DELTA_KIND,
+                "tensors": DELTA_SPACE_TENSORS,
+                "n_components": self.n_components,
+                "n_samples": self.n_samples,
+                "total_variance": self.total_variance,
+                "ids": list(self.ids),
+                "config": self.config,
+            },
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> DeltaSpace:
@@ -312,23 +300,7 @@ class DeltaSpace:
             raise StoreError(f"{SPACE_JSON} is not valid JSON ({exc}); save the space again", folder) from None
         if not isinstance(meta, dict) or meta.get("kind") != DELTA_KIND:
             raise StoreError(f"{SPACE_JSON} is not a ΔW space (kind {DELTA_KIND!r}); fit one again", folder)
-        try:
-            blob = (folder / DELTA_SPACE_TENSORS).read_bytes()
-        except OSError as exc:
-            raise StoreError(
-                f"cannot read {DELTA_SPACE_TENSORS} ({exc.strerror or exc}); save it again", folder
-            ) from None
-        if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
-            raise StoreError(
-                f"{DELTA_SPACE_TENSORS} does not match {SPACE_JSON} (sha256 differs: interrupted save or mixed files)",
-                folder,
-            )
-        try:
-            tensors = safetensors_load(blob)
-        except (SafetensorError, ValueError) as exc:
-            raise StoreError(f"{DELTA_SPACE_TENSORS} cannot be read ({exc}); save the space again", folder) from None
-        if sorted(tensors) != sorted(_TENSORS):
-            raise StoreError(f"{DELTA_SPACE_TENSORS} holds {sorted(tensors)}, expected {sorted(_TENSORS)}", folder)
+        tensors = read_space_tensors(folder, DELTA_SPACE_TENSORS, meta, _TENSORS)
         ids, config, total = meta.get("ids"), meta.get("config"), meta.get("total_variance")
         if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
             raise StoreError(f"{SPACE_JSON} field 'ids' is not a list of distinct strings", folder)

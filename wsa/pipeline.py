@@ -122,8 +122,7 @@ class AnalyzeConfig:
 CANONICAL_NOT_A_GEOMETRY = (
     "gauge-fixed (canonical) factors are storage, not a geometry: fixing each LoRA's gauge (orthonormal down "
     "factors, the largest entry positive) flips whole factors between near-equal adapters, so a PCA of them is "
-    "not linear in ΔW (on the faces zoo the best probe falls from AUC 1.000 to 0.643); use --space delta, the "
-    "PCA of ΔW, which reads this storage"
+    "not linear in ΔW; use --space delta, the PCA of ΔW, which reads this storage"
 )
 
 

@@ -30,6 +30,7 @@ from wsa.adapter import Adapter, ModuleWeights
 from wsa.decoding.batched_lora import DenseStack, LowRankStack, Stack
 from wsa.decoding.stacks import stacks_from_adapters
 from wsa.errors import ConfigError
+from wsa.space.protocol import member_rows
 from wsa.store.layout import Layout
 from wsa.store.representations import decode, encode
 
@@ -167,11 +168,7 @@ class MemberPoints:
             )
         self.space, self.layout, self.store = space, layout, store
         self.ids = [str(i) for i in space.ids]
-        index = {rid: i for i, rid in enumerate(store.ids)}
-        missing = [i for i in self.ids if i not in index]
-        if missing:
-            raise StoreError(f"the store lacks {len(missing)} member(s) of the space, e.g. {missing[0]!r}", store.path)
-        self._store_rows = np.asarray([index[i] for i in self.ids], dtype=np.int64)
+        self._store_rows = member_rows(store, self.ids)
         self._outside: list[Adapter] = []  # adapters placed in the space from files, any rank or kind
         self._outside_names: dict[str, int] = {}
         self._basis = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -12,12 +11,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-from safetensors import SafetensorError
-from safetensors.numpy import load as safetensors_load
-from safetensors.numpy import save as safetensors_save
 
-from wsa.atomic import write_bytes
 from wsa.errors import ConfigError, StoreError
+from wsa.space.files import SPACE_JSON, read_space_tensors, write_space_files
 from wsa.space.protocol import (
     WeightDirections,
     feature_spectrum,
@@ -29,7 +25,6 @@ from wsa.space.protocol import (
 )
 
 SPACE_VERSION = 1
-SPACE_JSON = "space.json"
 SPACE_TENSORS = "space.safetensors"
 SOLVERS = ("auto", "exact", "randomized", "streaming")
 #: ``solver="auto"`` uses the exact solver up to this many rows or columns (whichever is smaller).
@@ -385,27 +380,26 @@ class Space:
         The JSON carries the sha256 of the tensors file and is written last, so a crash between the two
         writes leaves a pair that :meth:`load` refuses instead of mixing two fits.
         """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        blob = safetensors_save({name: np.ascontiguousarray(getattr(self, name)) for name in _TENSOR_NAMES})
-        write_bytes(folder / SPACE_TENSORS, blob)
-        meta = {
-            "wsa_space_version": SPACE_VERSION,
-            "tensors_sha256": hashlib.sha256(blob).hexdigest(),
-            "n_components": self.n_components,
-            "n_features": self.n_features,
-            "n_samples": self.n_samples,
-            "total_variance": self.total_variance,
-            "ids": list(self.ids),
-            "config": self.config,
-        }
-        write_bytes(folder / SPACE_JSON, json.dumps(meta, indent=1, sort_keys=True).encode())
+        write_space_files(
+            folder,
+            SPACE_TENSORS,
+            {name: getattr(self, name) for name in _TENSOR_NAMES},
+            {
+                "wsa_space_version": SPACE_VERSION,
+                "n_components": self.n_components,
+                "n_features": self.n_features,
+                "n_samples": self.n_samples,
+                "total_variance": self.total_variance,
+                "ids": list(self.ids),
+                "config": self.config,
+            },
+        )
 
     @classmethod
     def load(cls, folder: str | Path) -> Space:
         """Read a folder written by :meth:`save`; every inconsistency is a :class:`~wsa.errors.StoreError`."""
         folder = Path(folder)
-        json_path, tensors_path = folder / SPACE_JSON, folder / SPACE_TENSORS
+        json_path = folder / SPACE_JSON
         if not json_path.is_file():
             raise StoreError(f"not a saved space (no {SPACE_JSON}); fit one and call Space.save", folder)
         try:
@@ -428,26 +422,7 @@ class Space:
             raise StoreError(
                 f"space format version {version!r}; this wsa reads version {SPACE_VERSION}; refit the space", folder
             )
-        if not tensors_path.is_file():
-            raise StoreError(f"{SPACE_TENSORS} is missing; save the space again", folder)
-        try:
-            blob = tensors_path.read_bytes()
-        except OSError as exc:
-            raise StoreError(f"cannot read {SPACE_TENSORS} ({exc.strerror or exc})", folder) from None
-        if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
-            raise StoreError(
-                f"{SPACE_TENSORS} does not match {SPACE_JSON} (sha256 differs: interrupted save or mixed files); "
-                "save the space again",
-                folder,
-            )
-        try:
-            tensors = safetensors_load(blob)
-        except (SafetensorError, ValueError) as exc:
-            raise StoreError(f"{SPACE_TENSORS} cannot be read ({exc}); save the space again", folder) from None
-        missing = sorted(set(_TENSOR_NAMES) - set(tensors))
-        unexpected = sorted(set(tensors) - set(_TENSOR_NAMES))
-        if missing or unexpected:
-            raise StoreError(f"{SPACE_TENSORS}: missing {missing}, unexpected {unexpected}; save it again", folder)
+        tensors = read_space_tensors(folder, SPACE_TENSORS, meta, _TENSOR_NAMES)
         k, d, n = (_meta_field(meta, key, _is_count, "a non-negative integer", folder) for key in _COUNTS)
         ids = tuple(
             _meta_field(
